@@ -1,0 +1,65 @@
+"""Every replacement the plugin makes in Megatron-core, listed in one place.
+
+Each entry is a :class:`Patch`: the upstream attribute it replaces, the
+megatron-core versions it was checked against, why it exists, and a factory
+that builds the replacement from the original.  ``patches_for(config)`` picks
+the ones a configuration needs; :mod:`megatron_offload_plugin.plugin` applies
+them through the registry, which checks versions and conflicts first.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from ..config import PluginConfig
+from .registry import Patch
+
+SUPPORTED_MEGATRON_CORE = ">=0.16,<0.20"
+
+SCHEDULE_DISPATCH = "pp-schedule-dispatch"
+GET_FORWARD_BACKWARD_FUNC = "megatron.core.pipeline_parallel.schedules:get_forward_backward_func"
+
+# Marks every callable the plugin installs, so tests and users can tell them apart.
+PLUGIN_MARKER = "__megatron_offload_plugin__"
+
+
+def make_schedule_dispatcher(config: PluginConfig) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Factory for the ``get_forward_backward_func`` replacement.
+
+    Megatron-LM binds ``get_forward_backward_func`` by ``from ... import`` and
+    calls it every iteration, so replacing it (and every rebinding site) is the
+    one place where a plugin schedule can be chosen per call.  For
+    ``pipeline_schedule='megatron'`` it returns exactly Megatron's own function.
+    """
+    schedule = config.schedule.pipeline_schedule
+
+    def factory(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def get_forward_backward_func(*args: Any, **kwargs: Any) -> Callable[..., Any]:
+            megatron_func = original(*args, **kwargs)
+            if schedule == "megatron":
+                return megatron_func
+            raise NotImplementedError(  # unreachable: the config admits only implemented schedules
+                f"--pipeline-schedule={schedule!r} has no runtime in this version"
+            )
+
+        setattr(get_forward_backward_func, PLUGIN_MARKER, SCHEDULE_DISPATCH)
+        return get_forward_backward_func
+
+    return factory
+
+
+def patches_for(config: PluginConfig) -> list[Patch]:
+    """The patches a configuration needs, in the order they are applied."""
+    return [
+        Patch(
+            name=SCHEDULE_DISPATCH,
+            target=GET_FORWARD_BACKWARD_FUNC,
+            make_replacement=make_schedule_dispatcher(config),
+            versions=SUPPORTED_MEGATRON_CORE,
+            reason=f"pipeline schedule '{config.schedule.pipeline_schedule}'",
+            rebind_imported=True,
+            extra_sites=("megatron.core.pipeline_parallel:get_forward_backward_func",),
+        )
+    ]
