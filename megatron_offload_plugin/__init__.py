@@ -9,8 +9,17 @@ optimizer offload for Megatron-core and DeepSpeed, as a drop-in plugin.
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
-from .plugin import active_config, apply, describe, is_applied, revert
-
 __all__ = ["__version__", "apply", "revert", "active_config", "is_applied", "describe"]
+
+
+def __getattr__(name: str) -> Any:
+    # Importing the package stays cheap (no megatron/pydantic) until the API is used.
+    if name in __all__:
+        from . import plugin
+
+        return getattr(plugin, name)
+    raise AttributeError(f"module 'megatron_offload_plugin' has no attribute {name!r}")

@@ -235,6 +235,21 @@ def _replacements() -> list[_Replacement]:
     return reps
 
 
+class _SameGeneratorFilter(logging.Filter):
+    """Drops Megatron's "CPU RNG state changed within GPU RNG context" warning.
+
+    The tracker's check compares the CPU generator before and after a fork; on
+    this backend the CUDA RNG state *is* the CPU generator, so every dropout
+    inside a fork trips it although nothing is wrong.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+_RNG_LOGGER = "megatron.core.tensor_parallel.random"
+
+
 class CpuBackend:
     """Holds what :func:`enable` replaced so that :func:`disable` can restore it."""
 
@@ -242,6 +257,7 @@ class CpuBackend:
         self._lock = threading.Lock()
         self._active: list[_Replacement] = []
         self._mode: _CudaAsCpuMode | None = None
+        self._log_filter = _SameGeneratorFilter()
 
     @property
     def active(self) -> bool:
@@ -265,6 +281,7 @@ class CpuBackend:
             self._active = reps
             self._mode = _CudaAsCpuMode()
             self._mode.__enter__()
+            logging.getLogger(_RNG_LOGGER).addFilter(self._log_filter)
             logger.debug("CPU backend enabled (%d replacements)", len(reps))
 
     def disable(self) -> None:
@@ -273,6 +290,7 @@ class CpuBackend:
                 return
             self._mode.__exit__(None, None, None)
             self._mode = None
+            logging.getLogger(_RNG_LOGGER).removeFilter(self._log_filter)
             for rep in reversed(self._active):
                 if rep.had_attr:
                     setattr(rep.owner, rep.name, rep.original)

@@ -16,7 +16,6 @@ from typing import Any, Callable
 
 import torch
 
-from ...telemetry import make_activation_tracker
 from .data import Sample, TokenStreamBatches, iterators_for_chunks
 from .model import ModelBundle
 from .recipe import GPTRecipe
@@ -130,6 +129,8 @@ class Trainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.forward_step = make_forward_step(recipe.calculate_per_token_loss)
+        from ...telemetry import make_activation_tracker
+
         self.tracker = make_activation_tracker(activation_memory, exclude=bundle.parameters())
         self.summary = TrainingSummary(recipe=recipe, world_size=self.world_size)
         self._peak_per_stage: list[int] | None = None

@@ -1,0 +1,1 @@
+"""Executes schedules on Megatron-core model chunks: B/W split, p2p, the step loop."""

@@ -1,0 +1,286 @@
+"""Execute one rank's program of F / B / W / BW actions on Megatron-core model chunks.
+
+This is the plugin's drop-in for Megatron's ``forward_backward_*`` functions.
+It reuses Megatron's own ``forward_step`` and ``backward_step`` (loss scaling
+by microbatches or tokens, ``grad_scale_func``, ``deallocate_pipeline_outputs``,
+``collect_non_loss_data``) and honours the same hooks: ``no_sync_func`` (single
+or per chunk), ``grad_sync_func``, ``param_sync_func`` and
+``finalize_model_grads_func``.  What differs is only the order of work, and W:
+inside a B action the linears' weight gradients are queued
+(:mod:`.wgrad`), and the W action delivers them through autograd's own
+accumulation node, so they land where Megatron puts them.
+
+Per-(chunk, microbatch) state is kept in dicts that each action pops, and the
+step ends by checking that nothing is left (no activation, no queued weight
+gradient, no unread message).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import torch
+
+from .p2p import Mailbox
+from .placement import Placement
+from .wgrad import WeightGradStore
+
+Kind = Literal["F", "B", "W", "BW"]
+
+
+class Step(NamedTuple):
+    """One compute action of one rank: ``kind`` on local ``chunk`` for ``microbatch``."""
+
+    kind: Kind
+    chunk: int
+    microbatch: int
+
+    def __str__(self) -> str:
+        return f"{self.chunk}{self.kind}{self.microbatch}"
+
+
+class RuntimeStateError(RuntimeError):
+    """The program asked for something the runtime state cannot give (a bug, not user input)."""
+
+
+@dataclass
+class TraceEvent:
+    rank: int
+    action: str
+    start: float
+    end: float
+
+
+@dataclass
+class StepTrace:
+    events: list[TraceEvent] = field(default_factory=list)
+
+
+def messages_sent(programs: dict[int, Sequence[Step]], placement: Placement) -> dict[int, list[tuple[int, tuple]]]:
+    """For each rank, the (destination rank, message key) it sends, in program order."""
+    out: dict[int, list[tuple[int, tuple]]] = {}
+    for rank, program in programs.items():
+        sent = []
+        for step in program:
+            stage = placement.stage(rank, step.chunk)
+            if step.kind == "F" and not placement.is_last(stage):
+                dst, _ = placement.locate(stage + 1)
+                sent.append((dst, ("act", stage + 1, step.microbatch)))
+            elif step.kind in ("B", "BW") and not placement.is_first(stage):
+                dst, _ = placement.locate(stage - 1)
+                sent.append((dst, ("grad", stage - 1, step.microbatch)))
+        out[rank] = sent
+    return out
+
+
+def expected_messages(programs: dict[int, Sequence[Step]], placement: Placement, rank: int) -> dict[int, list[tuple]]:
+    """What ``rank`` receives from each peer, in the peer's send order."""
+    expected: dict[int, list[tuple]] = {}
+    for src, sent in messages_sent(programs, placement).items():
+        keys = [key for dst, key in sent if dst == rank]
+        if keys:
+            expected[src] = keys
+    return expected
+
+
+def _backward_step_fn() -> Callable[..., Any]:
+    """Megatron's backward_step, with or without ``model_type`` (dropped in megatron-core 0.17)."""
+    import inspect
+
+    from megatron.core.pipeline_parallel import schedules
+
+    params = inspect.signature(schedules.backward_step).parameters
+    if "model_type" in params:
+        from megatron.core.enums import ModelType
+
+        return lambda i, o, g, config: schedules.backward_step(i, o, g, ModelType.encoder_or_decoder, config)
+    return lambda i, o, g, config: schedules.backward_step(i, o, g, config)
+
+
+def _grad_finalizing_steps(program: Sequence[Step]) -> dict[int, int]:
+    """Index of the last action that completes each chunk's gradients (its last W or BW)."""
+    last: dict[int, int] = {}
+    for i, step in enumerate(program):
+        if step.kind in ("W", "BW"):
+            last[step.chunk] = i
+    return last
+
+
+def run_program(
+    *,
+    program: Sequence[Step],
+    programs: dict[int, Sequence[Step]],
+    placement: Placement,
+    rank: int,
+    store: WeightGradStore,
+    forward_step_func: Callable[..., Any],
+    data_iterator: Any,
+    model: Any,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool = False,
+    collect_non_loss_data: bool = False,
+    force_all_reduce: bool | None = False,
+    trace: StepTrace | None = None,
+) -> list[Any]:
+    """Run ``program`` (this rank's list of :class:`Step`) and return Megatron's forward data store."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.utils import get_model_config
+
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    iterators = list(data_iterator) if isinstance(data_iterator, (list, tuple)) else [data_iterator]
+    if len(chunks) != placement.chunks_per_rank or len(iterators) != len(chunks):
+        raise RuntimeStateError(
+            f"rank {rank}: the schedule places {placement.chunks_per_rank} model chunk(s) per rank, "
+            f"got {len(chunks)} chunk(s) and {len(iterators)} data iterator(s)"
+        )
+    config = get_model_config(chunks[0])
+    vpp = len(chunks) > 1
+    backward_step = _backward_step_fn()
+    group = parallel_state.get_pipeline_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    seq = seq_length // tp if config.sequence_parallel else seq_length
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    mailbox = Mailbox(
+        rank=rank,
+        group=group,
+        expected=expected_messages(programs, placement, rank),
+        shape=(seq, micro_batch_size, config.hidden_size),
+        dtype=config.pipeline_dtype,
+        device=device,
+    )
+    cp_size = parallel_state.get_context_parallel_world_size()
+    forward_data_store: list[Any] = []
+    total_num_tokens = torch.zeros([], dtype=torch.int, device=device)
+    activations: dict[tuple[int, int], tuple[Any, Any]] = {}
+    next_microbatch = [0] * len(chunks)
+    last_finalizing = _grad_finalizing_steps(program) if not forward_only else {}
+    finalizing = dict(last_finalizing)
+
+    no_sync = config.no_sync_func
+    no_sync_list = no_sync if isinstance(no_sync, list) else None
+    sync_stack = contextlib.ExitStack()
+    per_chunk_sync: dict[int, contextlib.ExitStack] = {}
+    if not forward_only and no_sync is not None:
+        if no_sync_list is not None:
+            for c in range(len(chunks)):
+                per_chunk_sync[c] = contextlib.ExitStack()
+                per_chunk_sync[c].enter_context(no_sync_list[c]())
+        else:
+            sync_stack.enter_context(no_sync())
+
+    def enable_grad_sync(chunk: int) -> None:
+        if chunk in per_chunk_sync:
+            per_chunk_sync.pop(chunk).close()
+        elif no_sync_list is None and not any(c != chunk for c in finalizing):
+            sync_stack.close()
+
+    def after_grads_final(chunk: int) -> None:
+        finalizing.pop(chunk, None)
+        func = config.grad_sync_func
+        if func is None:
+            return
+        if isinstance(func, list):
+            func[chunk](chunks[chunk].parameters())
+        elif not finalizing:
+            func([p for c in chunks for p in c.parameters()])
+
+    def do_forward(step: Step) -> None:
+        c, m = step.chunk, step.microbatch
+        if m != next_microbatch[c]:
+            raise RuntimeStateError(
+                f"rank {rank}: F for chunk {c} runs microbatch {m} but the data iterator is at "
+                f"{next_microbatch[c]}; a schedule must run each chunk's forwards in microbatch order"
+            )
+        next_microbatch[c] += 1
+        stage = placement.stage(rank, c)
+        if m == 0 and c > 0 and config.param_sync_func is not None:
+            sync = config.param_sync_func[c] if isinstance(config.param_sync_func, list) else config.param_sync_func
+            sync(chunks[c].parameters())
+        input_tensor = None
+        if not placement.is_first(stage):
+            src, _ = placement.locate(stage - 1)
+            input_tensor = mailbox.recv(src, ("act", stage, m))
+        output_tensor, num_tokens = schedules.forward_step(
+            forward_step_func,
+            iterators[c],
+            chunks[c],
+            num_microbatches,
+            input_tensor,
+            forward_data_store,
+            config,
+            cp_size,
+            collect_non_loss_data,
+            None,
+            is_first_microbatch=(m == 0),
+            current_microbatch=m,
+            vp_stage=c if vpp else None,
+            is_last_stage=placement.is_last(stage),
+        )
+        if num_tokens is not None:
+            total_num_tokens.add_(num_tokens)
+        if not placement.is_last(stage):
+            dst, _ = placement.locate(stage + 1)
+            mailbox.send(dst, ("act", stage + 1, m), output_tensor)
+        if forward_only:
+            return
+        schedules.deallocate_output_tensor(output_tensor, config.deallocate_pipeline_outputs)
+        activations[(c, m)] = (input_tensor, output_tensor)
+
+    def do_backward(step: Step) -> None:
+        c, m = step.chunk, step.microbatch
+        stage = placement.stage(rank, c)
+        try:
+            input_tensor, output_tensor = activations.pop((c, m))
+        except KeyError:
+            raise RuntimeStateError(f"rank {rank}: {step} has no forward activations (F never ran)") from None
+        grad = None
+        if not placement.is_last(stage):
+            src, _ = placement.locate(stage + 1)
+            grad = mailbox.recv(src, ("grad", stage, m))
+        capture = store.capture((c, m)) if step.kind == "B" else contextlib.nullcontext()
+        with capture:
+            input_grad = backward_step(input_tensor, output_tensor, grad, config)
+        if not placement.is_first(stage):
+            dst, _ = placement.locate(stage - 1)
+            mailbox.send(dst, ("grad", stage - 1, m), input_grad)
+
+    def do_weight(step: Step) -> None:
+        store.run((step.chunk, step.microbatch))
+
+    handlers: dict[str, Callable[[Step], None]] = {"F": do_forward, "B": do_backward, "BW": do_backward, "W": do_weight}
+    try:
+        for index, step in enumerate(program):
+            if forward_only and step.kind != "F":
+                continue
+            if finalizing.get(step.chunk) == index:
+                enable_grad_sync(step.chunk)
+            start = time.perf_counter()
+            with torch.profiler.record_function(f"PP:{step}"):
+                handlers[step.kind](step)
+            if trace is not None:
+                trace.events.append(TraceEvent(rank, str(step), start, time.perf_counter()))
+            if last_finalizing.get(step.chunk) == index:
+                after_grads_final(step.chunk)
+        mailbox.finish()
+        if activations and not forward_only:
+            raise RuntimeStateError(f"rank {rank}: activations never consumed by a backward: {sorted(activations)}")
+        store.assert_drained()
+    finally:
+        for stack in per_chunk_sync.values():
+            stack.close()
+        sync_stack.close()
+
+    if config.finalize_model_grads_func is not None and not forward_only:
+        config.finalize_model_grads_func(
+            chunks,
+            total_num_tokens if config.calculate_per_token_loss else None,
+            force_all_reduce=force_all_reduce,
+        )
+    return forward_data_store

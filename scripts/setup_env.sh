@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment with the pinned stack.
+# Idempotent: a stamp of the requirement files skips the pip step when nothing changed.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+
+log() { echo "[setup] $*" >&2; }
+
+# DeepSpeed's async I/O (NVMe offload) JIT-builds against libaio.
+if ! dpkg -s libaio-dev >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        log "installing libaio-dev (DeepSpeed async I/O)"
+        if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libaio-dev >/dev/null; }; then
+            log "warning: could not install libaio-dev; NVMe offload will be unavailable"
+        fi
+    else
+        log "note: libaio-dev is not installed; NVMe offload needs it (apt-get install libaio-dev)"
+    fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    log "creating virtual environment $VENV with $PYTHON"
+    "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+
+# torch first and on its own: with no torch present, a resolver pulling it in for
+# megatron-core or deepspeed would choose a multi-GB CUDA build.  A torch that is
+# already there (a GPU cluster's own build) is kept.
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+    log "installing torch==$TORCH_VERSION"
+    "${PIP[@]}" install -q "torch==$TORCH_VERSION"
+fi
+
+STAMP="$VENV/.megatron_offload_plugin.stamp"
+WANT="$(cat "$ROOT/requirements/pinned.txt" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ] \
+        || ! "$VENV/bin/python" -c "import megatron_offload_plugin, megatron.core, deepspeed" >/dev/null 2>&1; then
+    log "installing pinned packages and megatron-offload-plugin (editable)"
+    "${PIP[@]}" install -q -r "$ROOT/requirements/pinned.txt" -e "$ROOT[test]"
+    echo "$WANT" > "$STAMP"
+fi
+log "environment ready: $("$VENV/bin/python" -c 'import torch, megatron.core, deepspeed; print(f"torch {torch.__version__}, megatron-core {megatron.core.__version__}, deepspeed {deepspeed.__version__}")' 2>/dev/null)"
