@@ -28,6 +28,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _to_bytes(value: Any) -> bytes:
+    """Results cross the process boundary as bytes: tensors shared through file
+    descriptors would vanish with the exiting child before the parent reads them."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(payload: bytes) -> Any:
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(payload), weights_only=False)
+
+
 def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, args: Sequence[Any],
             results: "mp.Queue[tuple[int, str, Any]]", threads: int) -> None:
     os.environ.update(
@@ -56,7 +76,7 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, args:
             except ImportError:
                 pass
             torch.distributed.destroy_process_group()
-        results.put((rank, "ok", value))
+        results.put((rank, "ok", _to_bytes(value)))
     except BaseException:  # report everything, including KeyboardInterrupt in a child
         results.put((rank, "error", traceback.format_exc()))
 
@@ -119,4 +139,4 @@ def run_distributed(
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
-    return [values[r] for r in range(world_size)]
+    return [_from_bytes(values[r]) for r in range(world_size)]

@@ -53,7 +53,14 @@ def transformer_config(recipe: GPTRecipe) -> Any:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     vpp = recipe.virtual_pipeline_size
-    overlap_p2p = bool(vpp) and recipe.overlap_p2p_communication
+    on_gpu = torch.cuda.is_available()
+    # Megatron-LM: overlap p2p only with interleaving, and batch_p2p_comm = not overlap.
+    # On gloo neither is safe, so both are off there: with overlap, Megatron frees a sent
+    # output (deallocate_pipeline_outputs swaps its storage) while gloo may still be
+    # reading it; with batched p2p at pp=2, the two directions between the same two
+    # ranks pair up in posting order and activations get mixed with gradients.
+    overlap_p2p = bool(vpp) and recipe.overlap_p2p_communication and on_gpu
+    batch_p2p = not overlap_p2p and on_gpu
     return TransformerConfig(
         num_layers=recipe.num_layers,
         hidden_size=recipe.hidden_size,
@@ -71,11 +78,8 @@ def transformer_config(recipe: GPTRecipe) -> Any:
         recompute_granularity=recipe.recompute_granularity,
         recompute_method=recipe.recompute_method,
         recompute_num_layers=recipe.recompute_num_layers,
-        # Megatron-LM: overlap p2p only with interleaving, and batch_p2p_comm = not overlap.
-        # (With pp=2 and interleaving, batched p2p pairs the two directions between the
-        # same two ranks in posting order and mixes activations with gradients on gloo.)
         overlap_p2p_comm=overlap_p2p,
-        batch_p2p_comm=not overlap_p2p,
+        batch_p2p_comm=batch_p2p,
         deallocate_pipeline_outputs=True,
         calculate_per_token_loss=recipe.calculate_per_token_loss,
     )

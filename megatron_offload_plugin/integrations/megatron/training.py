@@ -39,10 +39,11 @@ def make_forward_step(per_token_loss: bool) -> Callable[[Any, Any], tuple[torch.
             if per_token_loss:
                 loss = losses.sum()
                 num_tokens = torch.tensor(losses.numel(), dtype=torch.int, device=losses.device)
-                reporting = torch.stack([loss.detach(), num_tokens.float()])
+                reporting = torch.stack([loss.detach().clone(), num_tokens.float()])
                 return loss, num_tokens, {"lm loss": reporting}
             loss = losses.mean()
-            return loss, {"lm loss": loss.detach()}
+            # A copy: Megatron divides the returned loss in place by the number of microbatches.
+            return loss, {"lm loss": loss.detach().clone()}
 
         return output, loss_func
 

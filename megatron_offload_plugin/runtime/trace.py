@@ -1,0 +1,69 @@
+"""Measured pipeline timelines: Chrome trace JSON (opens in Perfetto) and bubble rates.
+
+Every rank records (action, start, end) for each action it ran; rank 0 gathers
+them and writes one trace with a row per pipeline rank, so a real run can be
+read side by side with the simulator's prediction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .executor import TraceEvent
+
+_COLORS = {"F": "thread_state_running", "B": "rail_response", "W": "good", "BW": "rail_animation"}
+
+
+def _kind(action: str) -> str:
+    for k in ("BW", "F", "B", "W"):
+        if k in action.lstrip("0123456789")[:2]:
+            return k
+    return "F"
+
+
+def chrome_trace(events: Iterable[TraceEvent], *, origin: float | None = None) -> dict[str, Any]:
+    """Chrome trace event format: one complete ("X") event per action, ``pid`` = pipeline rank."""
+    events = list(events)
+    t0 = min((e.start for e in events), default=0.0) if origin is None else origin
+    out = []
+    for rank in sorted({e.rank for e in events}):
+        out.append({"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"pipeline rank {rank}"}})
+    for e in events:
+        kind = _kind(e.action)
+        out.append({
+            "name": e.action, "cat": kind, "ph": "X", "pid": e.rank, "tid": 0,
+            "ts": (e.start - t0) * 1e6, "dur": max(0.0, e.end - e.start) * 1e6,
+            "cname": _COLORS.get(kind, "generic_work"),
+        })
+    return {"traceEvents": out, "displayTimeUnit": "ms"}
+
+
+def write_chrome_trace(events: Iterable[TraceEvent], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(chrome_trace(events)))
+    return path
+
+
+def measured_bubble_rates(events: Sequence[TraceEvent]) -> dict[str, float]:
+    """Idle fractions from measured events, with the simulator's two definitions.
+
+    ``bubble_rate``: 1 - busy / (ranks x span of the whole step);
+    ``steady_bubble_rate``: idle inside each rank's own first-start-to-last-end window.
+    """
+    if not events:
+        return {"bubble_rate": 0.0, "steady_bubble_rate": 0.0}
+    ranks = sorted({e.rank for e in events})
+    start = min(e.start for e in events)
+    end = max(e.end for e in events)
+    busy = {r: sum(e.end - e.start for e in events if e.rank == r) for r in ranks}
+    span = end - start
+    windows = {r: max(e.end for e in events if e.rank == r) - min(e.start for e in events if e.rank == r) for r in ranks}
+    total_busy = sum(busy.values())
+    bubble = 1.0 - total_busy / (len(ranks) * span) if span > 0 else 0.0
+    window_total = sum(windows.values())
+    steady = 1.0 - total_busy / window_total if window_total > 0 else 0.0
+    return {"bubble_rate": bubble, "steady_bubble_rate": steady}
