@@ -44,4 +44,4 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ] \
     "${PIP[@]}" install -q -r "$ROOT/requirements/pinned.txt" -e "$ROOT[test]"
     echo "$WANT" > "$STAMP"
 fi
-log "environment ready: $("$VENV/bin/python" -c 'import torch, megatron.core, deepspeed; print(f"torch {torch.__version__}, megatron-core {megatron.core.__version__}, deepspeed {deepspeed.__version__}")' 2>/dev/null)"
+log "environment ready: $("$VENV/bin/python" -c 'from importlib.metadata import version as v; print(", ".join(f"{p} {v(p)}" for p in ("torch", "megatron-core", "deepspeed")))')"
