@@ -52,7 +52,10 @@ class _Saved:
     __slots__ = ("tensor", "__weakref__")
 
     def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
+        # A detached alias: the same storage without the grad_fn, so a saved output does
+        # not form a cycle (output -> grad_fn -> saved handle -> output) that would keep a
+        # graph alive after its outputs are dropped without backward.
+        self.tensor = tensor.detach()
 
 
 class SavedTensorTracker:
