@@ -144,3 +144,11 @@ def test_config_is_immutable():
     cfg = PluginConfig()
     with pytest.raises(Exception):
         cfg.telemetry.log_patches = False  # type: ignore[misc]
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    assert load_config_file(root / "plugin_default.yaml").is_default()
+    assert config_from_deepspeed(root / "deepspeed_with_plugin_section.json").is_default()
