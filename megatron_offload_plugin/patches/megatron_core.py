@@ -63,3 +63,30 @@ def patches_for(config: PluginConfig) -> list[Patch]:
             extra_sites=("megatron.core.pipeline_parallel:get_forward_backward_func",),
         )
     ]
+
+
+WGRAD_SPLIT = "linear-wgrad-split"
+LINEAR_BACKWARD = (
+    "megatron.core.tensor_parallel.layers:LinearWithGradAccumulationAndAsyncCommunication.backward"
+)
+
+
+def wgrad_split_patch(store: Any) -> Patch:
+    """Column/RowParallelLinear backward that defers the weight GEMM while ``store`` captures a B."""
+
+    def factory(original: Callable[..., Any]) -> Callable[..., Any]:
+        from megatron.core.tensor_parallel import layers
+
+        from ..runtime.wgrad import make_split_backward
+
+        # Keep upstream's autocast handling of backward (custom_bwd) around the split version.
+        return layers.custom_bwd(make_split_backward(original, store))
+
+    return Patch(
+        name=WGRAD_SPLIT,
+        target=LINEAR_BACKWARD,
+        make_replacement=factory,
+        versions=SUPPORTED_MEGATRON_CORE,
+        reason="B/W split: input gradients in B, weight gradients in W",
+        rebind_imported=False,
+    )

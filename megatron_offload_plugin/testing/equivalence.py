@@ -164,3 +164,40 @@ def layout_gradients_worker(rank: int, world_size: int, recipe_kwargs: dict[str,
     from megatron.core import parallel_state
 
     return {"loss": result.loss, "grads": grads, "dp_rank": parallel_state.get_data_parallel_rank()}
+
+
+def runtime_equivalence_worker(
+    rank: int, world_size: int, recipe_kwargs: dict[str, Any], split: bool, w_delay: int, iterations: int
+) -> dict[str, Any]:
+    """Megatron's own 1F1B vs the plugin runtime running the same order (B/W split or not)."""
+    import functools
+
+    from ..patches import PatchSet
+    from ..patches.megatron_core import wgrad_split_patch
+    from ..runtime.forward_backward import make_forward_backward_func
+    from ..runtime.programs import one_f_one_b_programs
+    from ..runtime.wgrad import WeightGradStore
+
+    recipe = GPTRecipe(**recipe_kwargs)
+    recipe.validate(world_size)
+    reference = capture_training(recipe, iterations, plugin_config=None)
+
+    store = WeightGradStore()
+    patches = PatchSet(log=False)
+    patches.apply([wgrad_split_patch(store)])
+    import megatron.core.pipeline_parallel as pp_pkg
+
+    runtime_func = make_forward_backward_func(
+        "test-1f1b", functools.partial(one_f_one_b_programs, split=split, w_delay=w_delay), store
+    )
+    original = pp_pkg.get_forward_backward_func
+    pp_pkg.get_forward_backward_func = lambda *a, **k: runtime_func
+    try:
+        candidate = capture_training(recipe, iterations, plugin_config=None)
+    finally:
+        pp_pkg.get_forward_backward_func = original
+        patches.revert()
+    report = compare_captures(candidate, reference)
+    report["rank"] = rank
+    report["reference_losses"] = reference.losses
+    return report

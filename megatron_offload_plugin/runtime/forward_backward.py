@@ -1,0 +1,108 @@
+"""A drop-in for Megatron's ``forward_backward_*`` functions that runs a plugin schedule.
+
+``make_forward_backward_func`` returns a function with exactly the keyword
+arguments Megatron's schedule functions take.  It asks a program source for
+every rank's list of actions (generated once per (pp, chunks, microbatches)
+and cached), and runs this rank's list with :func:`.executor.run_program`.
+Arguments it cannot honour fail at the call with the option's name rather
+than being ignored.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .executor import Step, StepTrace, run_program
+from .placement import Placement
+from .wgrad import WeightGradStore
+
+logger = logging.getLogger(__name__)
+
+# (pp, chunks per rank, microbatches, forward_only) -> (placement, {rank: [Step, ...]})
+ProgramSource = Callable[[int, int, int], tuple[Placement, dict[int, list[Step]]]]
+
+
+def forward_only_program(placement: Placement, rank: int, num_microbatches: int) -> list[Step]:
+    """Evaluation: each microbatch through this rank's chunks in stage order (sends never block)."""
+    chunks = sorted(range(placement.chunks_per_rank), key=lambda c: placement.stage(rank, c))
+    return [Step("F", c, m) for m in range(num_microbatches) for c in chunks]
+
+
+def make_forward_backward_func(
+    name: str,
+    source: ProgramSource,
+    store: WeightGradStore,
+    *,
+    trace_sink: Callable[[StepTrace], None] | None = None,
+) -> Callable[..., list[Any]]:
+    """Megatron's schedule-function signature, running the plugin schedule ``name``."""
+
+    @functools.lru_cache(maxsize=16)
+    def programs_for(pp: int, chunks: int, microbatches: int) -> tuple[Placement, dict[int, list[Step]]]:
+        return source(pp, chunks, microbatches)
+
+    def forward_backward(
+        *,
+        forward_step_func: Callable[..., Any],
+        data_iterator: Any,
+        model: Any,
+        num_microbatches: int,
+        seq_length: int,
+        micro_batch_size: int,
+        decoder_seq_length: int | None = None,
+        forward_only: bool = False,
+        collect_non_loss_data: bool = False,
+        first_val_step: bool | None = None,
+        adjust_tensor_shapes_fn: Callable[..., Any] | None = None,
+        p2p_communicator: Any = None,
+        pg_collection: Any = None,
+        force_all_reduce: bool | None = False,
+    ) -> list[Any]:
+        from megatron.core import parallel_state
+
+        unsupported = {
+            "decoder_seq_length": decoder_seq_length,
+            "adjust_tensor_shapes_fn": adjust_tensor_shapes_fn,
+            "p2p_communicator": p2p_communicator,
+            "pg_collection": pg_collection,
+        }
+        given = [k for k, v in unsupported.items() if v is not None]
+        if given:
+            raise NotImplementedError(
+                f"--pipeline-schedule={name}: the plugin runtime does not take {', '.join(given)} "
+                "(encoder-decoder models and custom process-group collections); use "
+                "--pipeline-schedule megatron for this run"
+            )
+        chunks: Sequence[Any] = model if isinstance(model, (list, tuple)) else [model]
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        rank = parallel_state.get_pipeline_model_parallel_rank()
+        placement, programs = programs_for(pp, len(chunks), num_microbatches)
+        if forward_only:
+            programs = {r: forward_only_program(placement, r, num_microbatches) for r in range(pp)}
+        trace = StepTrace() if trace_sink is not None else None
+        result = run_program(
+            program=programs[rank],
+            programs=programs,
+            placement=placement,
+            rank=rank,
+            store=store,
+            forward_step_func=forward_step_func,
+            data_iterator=data_iterator,
+            model=model,
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+            collect_non_loss_data=collect_non_loss_data,
+            force_all_reduce=force_all_reduce,
+            trace=trace,
+        )
+        if trace is not None and trace_sink is not None:
+            trace_sink(trace)
+        return result
+
+    forward_backward.__name__ = f"forward_backward_{name.replace('-', '_')}"
+    return forward_backward

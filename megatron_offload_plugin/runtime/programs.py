@@ -1,0 +1,39 @@
+"""Megatron's own 1F1B order as runtime programs: the reference the runtime is checked against.
+
+``one_f_one_b`` reproduces ``forward_backward_pipelining_without_interleaving``
+(warm-up ``p - rank - 1`` forwards, then one forward one backward, then the
+cool-down backwards).  With ``split=True`` each backward becomes B, and W runs
+``w_delay`` backwards later (0: right after its B): the same arithmetic in the
+same order, so a run must match Megatron's schedule bit for bit.
+"""
+
+from __future__ import annotations
+
+from .executor import Step
+from .placement import Placement
+
+
+def one_f_one_b(pp: int, rank: int, microbatches: int, *, split: bool = False, w_delay: int = 0) -> list[Step]:
+    warmup = min(pp - rank - 1, microbatches)
+    program: list[Step] = [Step("F", 0, m) for m in range(warmup)]
+    next_f, pending_w = warmup, []
+    for b in range(microbatches):
+        if next_f < microbatches:
+            program.append(Step("F", 0, next_f))
+            next_f += 1
+        if not split:
+            program.append(Step("BW", 0, b))
+            continue
+        program.append(Step("B", 0, b))
+        pending_w.append(b)
+        if len(pending_w) > w_delay:
+            program.append(Step("W", 0, pending_w.pop(0)))
+    program += [Step("W", 0, w) for w in pending_w]
+    return program
+
+
+def one_f_one_b_programs(pp: int, chunks: int, microbatches: int, *, split: bool = False, w_delay: int = 0
+                         ) -> tuple[Placement, dict[int, list[Step]]]:
+    if chunks != 1:
+        raise ValueError(f"1F1B runs one model chunk per rank; got {chunks} (use the interleaved schedule)")
+    return Placement(pp), {r: one_f_one_b(pp, r, microbatches, split=split, w_delay=w_delay) for r in range(pp)}
