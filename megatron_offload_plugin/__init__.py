@@ -13,7 +13,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "apply", "revert", "active_config", "is_applied", "describe"]
+__all__ = ["__version__", "apply", "revert", "active_config", "active_runtime", "is_applied", "describe"]
 
 
 def __getattr__(name: str) -> Any:

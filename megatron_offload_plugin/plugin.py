@@ -26,6 +26,7 @@ _LOCK = threading.Lock()
 class _Application:
     config: PluginConfig
     patch_set: Any  # patches.PatchSet
+    runtime: Any  # runtime.plugin_runtime.PluginRuntime | None
 
 
 _ACTIVE: _Application | None = None
@@ -64,9 +65,12 @@ def apply(config: PluginConfig | Mapping[str, Any] | None = None) -> PluginConfi
                 "megatron_offload_plugin is already applied with another configuration; "
                 "call megatron_offload_plugin.revert() first"
             )
+        from .runtime.plugin_runtime import build_runtime
+
+        runtime = build_runtime(cfg)
         patch_set = PatchSet(log=cfg.telemetry.log_patches)
-        patch_set.apply(patches_for(cfg))
-        _ACTIVE = _Application(config=cfg, patch_set=patch_set)
+        patch_set.apply(patches_for(cfg, runtime))
+        _ACTIVE = _Application(config=cfg, patch_set=patch_set, runtime=runtime)
     return cfg
 
 
@@ -82,6 +86,11 @@ def revert() -> None:
 
 def active_config() -> PluginConfig | None:
     return _ACTIVE.config if _ACTIVE is not None else None
+
+
+def active_runtime() -> Any:
+    """The plugin runtime of the active application (None with Megatron's own schedules)."""
+    return _ACTIVE.runtime if _ACTIVE is not None else None
 
 
 def is_applied() -> bool:

@@ -35,6 +35,7 @@ def test_flag_list_is_pinned():
     flags = [opt.flag for opt in iter_options()]
     assert flags == [
         "--pipeline-schedule",
+        "--pipeline-trace",
         "--activation-offload",
         "--activation-memory-tracker",
         "--offload-plugin-log-patches",
@@ -77,7 +78,7 @@ def test_deepspeed_config_without_the_section_is_the_default():
         ({"telemetry": {"activation_memmory": "off"}},
          "unknown key 'telemetry.activation_memmory'; did you mean 'activation_memory'?"),
         ({"schedule": {"pipeline_schedule": "zbv"}},
-         "schedule.pipeline_schedule='zbv': not accepted; accepted: 'megatron'"),
+         "schedule.pipeline_schedule='zbv': not accepted; accepted: 'megatron', '1f1b'"),
         ({"telemetry": {"log_patches": "maybe"}}, "telemetry.log_patches='maybe': not accepted; accepted: true or false"),
         ({"schedule": "megatron"}, "'schedule' must be a mapping of options"),
     ],

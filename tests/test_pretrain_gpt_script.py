@@ -89,3 +89,23 @@ def test_module_help_lists_subcommands():
     assert proc.returncode == 0
     for sub in ("simulate", "launch", "config", "version"):
         assert sub in proc.stdout
+
+
+@pytest.mark.multiprocess
+def test_plugin_1f1b_runtime_trains_like_megatron_and_writes_a_chrome_trace(tmp_path):
+    """Same flags, same seed: the plugin runtime's 1F1B gives Megatron's losses exactly."""
+    runs = {}
+    for schedule in ("megatron", "1f1b"):
+        summary = tmp_path / f"{schedule}.json"
+        extra = ["--pipeline-trace", str(tmp_path / "trace")] if schedule == "1f1b" else []
+        proc = _run(_torchrun(2, str(SCRIPT), *SMALL, "--pipeline-model-parallel-size", "2",
+                              "--pipeline-schedule", schedule, "--json-summary", str(summary), *extra))
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[schedule] = json.loads(summary.read_text())
+    assert runs["1f1b"]["losses"] == runs["megatron"]["losses"]
+    assert all(0.0 <= r < 1.0 for r in runs["1f1b"]["measured_bubble_rates"])
+    traces = sorted((tmp_path / "trace").glob("pipeline_trace_iter*.json"))
+    assert len(traces) == 2
+    events = [e for e in json.loads(traces[0].read_text())["traceEvents"] if e["ph"] == "X"]
+    assert {e["pid"] for e in events} == {0, 1}
+    assert sum(e["name"].endswith("F0") for e in events) == 2  # microbatch 0's forward on both ranks

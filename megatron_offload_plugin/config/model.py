@@ -21,10 +21,22 @@ class _Section(BaseModel):
 
 
 class ScheduleConfig(_Section):
-    pipeline_schedule: Literal["megatron"] = Field(
+    pipeline_schedule: Literal["megatron", "1f1b"] = Field(
         "megatron",
-        description="Pipeline schedule. 'megatron' runs Megatron-core's own 1F1B / interleaved schedule unchanged.",
+        description=(
+            "Pipeline schedule. 'megatron' runs Megatron-core's own 1F1B / interleaved schedule "
+            "unchanged; '1f1b' runs Megatron's 1F1B order in the plugin runtime (the baseline "
+            "the plugin's other schedules are measured against)."
+        ),
         json_schema_extra={"flag": "--pipeline-schedule"},
+    )
+    pipeline_trace_dir: str | None = Field(
+        None,
+        description=(
+            "With a plugin schedule: write each iteration's measured action timeline as a Chrome "
+            "trace (open in Perfetto) into this folder, one file per iteration."
+        ),
+        json_schema_extra={"flag": "--pipeline-trace"},
     )
 
 

@@ -12,8 +12,13 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+from typing import TYPE_CHECKING
+
 from ..config import PluginConfig
 from .registry import Patch
+
+if TYPE_CHECKING:
+    from ..runtime.plugin_runtime import PluginRuntime
 
 SUPPORTED_MEGATRON_CORE = ">=0.16,<0.20"
 
@@ -24,7 +29,9 @@ GET_FORWARD_BACKWARD_FUNC = "megatron.core.pipeline_parallel.schedules:get_forwa
 PLUGIN_MARKER = "__megatron_offload_plugin__"
 
 
-def make_schedule_dispatcher(config: PluginConfig) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def make_schedule_dispatcher(
+    config: PluginConfig, runtime_func: Callable[..., Any] | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Factory for the ``get_forward_backward_func`` replacement.
 
     Megatron-LM binds ``get_forward_backward_func`` by ``from ... import`` and
@@ -38,11 +45,13 @@ def make_schedule_dispatcher(config: PluginConfig) -> Callable[[Callable[..., An
         @functools.wraps(original)
         def get_forward_backward_func(*args: Any, **kwargs: Any) -> Callable[..., Any]:
             megatron_func = original(*args, **kwargs)
-            if schedule == "megatron":
+            if runtime_func is None:
                 return megatron_func
-            raise NotImplementedError(  # unreachable: the config admits only implemented schedules
-                f"--pipeline-schedule={schedule!r} has no runtime in this version"
-            )
+            from megatron.core.pipeline_parallel import schedules
+
+            if megatron_func is schedules.forward_backward_no_pipelining:
+                return megatron_func  # no pipeline, nothing to schedule
+            return runtime_func
 
         setattr(get_forward_backward_func, PLUGIN_MARKER, SCHEDULE_DISPATCH)
         return get_forward_backward_func
@@ -50,13 +59,16 @@ def make_schedule_dispatcher(config: PluginConfig) -> Callable[[Callable[..., An
     return factory
 
 
-def patches_for(config: PluginConfig) -> list[Patch]:
+def patches_for(config: PluginConfig, runtime: "PluginRuntime | None" = None) -> list[Patch]:
     """The patches a configuration needs, in the order they are applied."""
-    return [
+    patches = []
+    if runtime is not None and runtime.splits_weight_gradients:
+        patches.append(wgrad_split_patch(runtime.store))
+    return patches + [
         Patch(
             name=SCHEDULE_DISPATCH,
             target=GET_FORWARD_BACKWARD_FUNC,
-            make_replacement=make_schedule_dispatcher(config),
+            make_replacement=make_schedule_dispatcher(config, runtime.forward_backward if runtime else None),
             versions=SUPPORTED_MEGATRON_CORE,
             reason=f"pipeline schedule '{config.schedule.pipeline_schedule}'",
             rebind_imported=True,

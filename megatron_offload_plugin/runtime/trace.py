@@ -67,3 +67,34 @@ def measured_bubble_rates(events: Sequence[TraceEvent]) -> dict[str, float]:
     window_total = sum(windows.values())
     steady = 1.0 - total_busy / window_total if window_total > 0 else 0.0
     return {"bubble_rate": bubble, "steady_bubble_rate": steady}
+
+
+class TraceRecorder:
+    """Trace sink for the runtime: gathers every pipeline rank's events each iteration.
+
+    Keeps the measured bubble rates of the last iteration (for the log line) and, with
+    a folder, writes ``pipeline_trace_iterNNNN.json`` from pipeline rank 0 of the first
+    data-parallel replica.  Timestamps come from ``time.perf_counter`` (the host's
+    monotonic clock), so ranks on one host line up exactly.
+    """
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory) if directory else None
+        self.iteration = 0
+        self.last_rates: dict[str, float] | None = None
+        self.last_events: list[TraceEvent] = []
+
+    def __call__(self, trace: Any) -> None:
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_pipeline_model_parallel_group()
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, trace.events, group=group)
+        events = [e for rank_events in gathered for e in rank_events]
+        self.last_events = events
+        self.last_rates = measured_bubble_rates(events)
+        first_replica = parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
+        if self.directory is not None and first_replica and parallel_state.get_pipeline_model_parallel_rank() == 0:
+            write_chrome_trace(events, self.directory / f"pipeline_trace_iter{self.iteration:04d}.json")
+        self.iteration += 1

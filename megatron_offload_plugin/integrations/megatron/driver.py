@@ -102,6 +102,8 @@ def format_iteration(recipe: GPTRecipe, it: IterationResult, stage_peaks: list[i
         fields.append(f"grad norm: {it.grad_norm:.3f}")
     fields.append(f"number of skipped iterations: {int(it.skipped):3d}")
     fields.append(f"tokens per second: {tokens_per_s:.1f}")
+    if it.measured_bubble_rate is not None:
+        fields.append(f"pipeline bubble rate (measured): {it.measured_bubble_rate:.3f}")
     peaks = "/".join(f"{p / MIB:.2f}" for p in stage_peaks)
     fields.append(f"peak activation memory per stage (MiB): {peaks}")
     return " | ".join(fields) + " |"

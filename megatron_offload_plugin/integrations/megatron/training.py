@@ -70,6 +70,7 @@ class IterationResult:
     time_s: float
     peak_activation_bytes: int
     learning_rate: float
+    measured_bubble_rate: float | None = None
 
 
 @dataclass
@@ -90,6 +91,7 @@ class TrainingSummary:
             "iteration_time_s": mean_time,
             "tokens_per_s": tokens / mean_time if mean_time > 0 else None,
             "peak_activation_bytes": list(self.peak_activation_bytes_per_stage),
+            "measured_bubble_rates": [it.measured_bubble_rate for it in self.iterations],
             "iterations": len(self.iterations),
         }
 
@@ -107,6 +109,15 @@ def learning_rate(recipe: GPTRecipe, iteration: int) -> float:
     else:
         coeff = 0.5 * (math.cos(math.pi * frac) + 1.0)
     return recipe.min_lr + coeff * (recipe.lr - recipe.min_lr)
+
+
+def _measured_bubble_rate() -> float | None:
+    """The plugin runtime's measured bubble rate of the step that just ran (None without it)."""
+    from ... import plugin as plugin_api
+
+    runtime = plugin_api.active_runtime()
+    rates = runtime.recorder.last_rates if runtime is not None else None
+    return rates["bubble_rate"] if rates else None
 
 
 class Trainer:
@@ -189,6 +200,7 @@ class Trainer:
             time_s=elapsed,
             peak_activation_bytes=int(self.tracker.peak_bytes),
             learning_rate=lr,
+            measured_bubble_rate=_measured_bubble_rate(),
         )
         self.summary.iterations.append(result)
         self._record_stage_peaks(result.peak_activation_bytes)
