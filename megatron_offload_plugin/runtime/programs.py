@@ -37,3 +37,24 @@ def one_f_one_b_programs(pp: int, chunks: int, microbatches: int, *, split: bool
     if chunks != 1:
         raise ValueError(f"1F1B runs one model chunk per rank; got {chunks} (use the interleaved schedule)")
     return Placement(pp), {r: one_f_one_b(pp, r, microbatches, split=split, w_delay=w_delay) for r in range(pp)}
+
+
+def all_forward_all_backward(placement: Placement, rank: int, microbatches: int, *, split: bool = False
+                             ) -> list[Step]:
+    """GPipe order over this rank's chunks: every forward by stage, then every backward by
+    reverse stage, microbatches in order.  Any placement; used to check multi-chunk runs."""
+    chunks = sorted(range(placement.chunks_per_rank), key=lambda c: placement.stage(rank, c))
+    program = [Step("F", c, m) for c in chunks for m in range(microbatches)]
+    for c in reversed(chunks):
+        for m in range(microbatches):
+            if split:
+                program += [Step("B", c, m), Step("W", c, m)]
+            else:
+                program.append(Step("BW", c, m))
+    return program
+
+
+def all_forward_all_backward_programs(pp: int, chunks: int, microbatches: int, *, split: bool = False
+                                      ) -> tuple[Placement, dict[int, list[Step]]]:
+    placement = Placement(pp, chunks)
+    return placement, {r: all_forward_all_backward(placement, r, microbatches, split=split) for r in range(pp)}

@@ -167,15 +167,19 @@ def layout_gradients_worker(rank: int, world_size: int, recipe_kwargs: dict[str,
 
 
 def runtime_equivalence_worker(
-    rank: int, world_size: int, recipe_kwargs: dict[str, Any], split: bool, w_delay: int, iterations: int
+    rank: int, world_size: int, recipe_kwargs: dict[str, Any], split: bool, w_delay: int, iterations: int,
+    program: str = "1f1b",
 ) -> dict[str, Any]:
-    """Megatron's own 1F1B vs the plugin runtime running the same order (B/W split or not)."""
+    """Megatron's own schedule vs the plugin runtime (B/W split or not) on the same model.
+
+    ``program``: '1f1b' (Megatron's 1F1B order) or 'gpipe' (all forwards, then all
+    backwards, by stage: with interleaved chunks this exercises multi-chunk routing)."""
     import functools
 
     from ..patches import PatchSet
     from ..patches.megatron_core import wgrad_split_patch
     from ..runtime.forward_backward import make_forward_backward_func
-    from ..runtime.programs import one_f_one_b_programs
+    from ..runtime.programs import all_forward_all_backward_programs, one_f_one_b_programs
     from ..runtime.wgrad import WeightGradStore
 
     recipe = GPTRecipe(**recipe_kwargs)
@@ -187,9 +191,12 @@ def runtime_equivalence_worker(
     patches.apply([wgrad_split_patch(store)])
     import megatron.core.pipeline_parallel as pp_pkg
 
-    runtime_func = make_forward_backward_func(
-        "test-1f1b", functools.partial(one_f_one_b_programs, split=split, w_delay=w_delay), store
+    source = (
+        functools.partial(one_f_one_b_programs, split=split, w_delay=w_delay)
+        if program == "1f1b"
+        else functools.partial(all_forward_all_backward_programs, split=split)
     )
+    runtime_func = make_forward_backward_func(f"test-{program}", source, store)
     original = pp_pkg.get_forward_backward_func
     pp_pkg.get_forward_backward_func = lambda *a, **k: runtime_func
     try:
