@@ -14,6 +14,17 @@ def _cmd_simulate(argv: list[str]) -> int:
     return simulate_main(argv)
 
 
+def _cmd_bench(argv: list[str]) -> int:
+    kinds = {"pipeline": "megatron_offload_plugin.bench.pipeline"}
+    if not argv or argv[0] not in kinds:
+        print(f"usage: python -m megatron_offload_plugin bench {{{','.join(kinds)}}} [options]; "
+              f"accepted: {', '.join(kinds)}", file=sys.stderr)
+        return 2
+    import importlib
+
+    return importlib.import_module(kinds[argv[0]]).main(argv[1:])
+
+
 def _cmd_launch(argv: list[str]) -> int:
     from .launch import main as launch_main
 
@@ -42,6 +53,7 @@ def _cmd_version(argv: list[str]) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "simulate": (_cmd_simulate, "simulate a pipeline schedule: makespan, bubbles, memory, timeline plot"),
+    "bench": (_cmd_bench, "run real training side by side and print JSON figures (bench pipeline)"),
     "launch": (_cmd_launch, "run a Megatron-LM training script with the plugin applied"),
     "config": (_cmd_config, "validate plugin options and print the resulting configuration"),
     "version": (_cmd_version, "print the plugin and megatron-core versions"),

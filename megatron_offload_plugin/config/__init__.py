@@ -2,6 +2,7 @@
 
 from .flags import (
     CONFIG_FILE_FLAG,
+    GROUP_TITLE,
     PluginArgumentParser,
     add_plugin_arguments,
     config_from_args,
@@ -10,6 +11,7 @@ from .flags import (
 )
 from .loading import (
     DEEPSPEED_SECTION,
+    FILE_SUFFIXES,
     config_from_deepspeed,
     config_from_mapping,
     load_config_file,
@@ -26,8 +28,24 @@ from .model import (
 )
 
 __all__ = [
-    "CONFIG_FILE_FLAG", "DEEPSPEED_SECTION", "ActivationOffloadConfig", "OptionSpec", "PluginArgumentParser",
-    "PluginConfig", "ScheduleConfig", "TelemetryConfig", "add_plugin_arguments", "config_from_args",
-    "config_from_deepspeed", "config_from_mapping", "iter_options", "load_config_file", "plugin_flags",
-    "split_plugin_argv", "to_flags", "to_mapping",
+    "CONFIG_FILE_FLAG",
+    "DEEPSPEED_SECTION",
+    "FILE_SUFFIXES",
+    "GROUP_TITLE",
+    "ActivationOffloadConfig",
+    "OptionSpec",
+    "PluginArgumentParser",
+    "PluginConfig",
+    "ScheduleConfig",
+    "TelemetryConfig",
+    "add_plugin_arguments",
+    "config_from_args",
+    "config_from_deepspeed",
+    "config_from_mapping",
+    "iter_options",
+    "load_config_file",
+    "plugin_flags",
+    "split_plugin_argv",
+    "to_flags",
+    "to_mapping",
 ]

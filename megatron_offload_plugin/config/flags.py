@@ -3,117 +3,213 @@
 Flags default to ``None`` so that only what the user typed overrides a config
 file.  :func:`split_plugin_argv` separates the plugin's flags from a Megatron-LM
 command line (whose parser rejects unknown flags and abbreviations), and
-:class:`PluginArgumentParser` answers an unknown option with the closest known one.
+:class:`PluginArgumentParser` answers an unknown option with the closest known one
+(Python 3.11's argparse has no suggestions).
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
-from collections.abc import Sequence
-from typing import Any
+import logging
+import re
+from collections.abc import Collection, Sequence
+from typing import Any, TypeVar
 
-from .loading import config_from_mapping, load_config_file, to_mapping
+from .loading import FILE_SUFFIXES, closest, config_from_mapping, load_config_file, to_mapping
 from .model import OptionSpec, PluginConfig, iter_options
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE_FLAG = "--offload-plugin-config"
 GROUP_TITLE = "megatron-offload-plugin"
+NEAR_MISS_CUTOFF = 0.85  # split_plugin_argv: this close to a plugin flag is a typo, not a Megatron flag
+_CONFIG_DEST = "offload_plugin_config"
+_NEGATIVE_NUMBER = re.compile(r"-\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|-\.\d+(?:[eE][-+]?\d+)?")
+
+_Parser = TypeVar("_Parser", bound=argparse.ArgumentParser)
 
 
 def _dest(opt: OptionSpec) -> str:
+    """Namespace attribute of an option; prefixed so it cannot clash with Megatron-LM's own ``args``."""
     return f"offload_plugin__{opt.section}__{opt.field}"
 
 
-def add_plugin_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(GROUP_TITLE, "Options of megatron-offload-plugin (default in brackets).")
+# ---------------------------------------------------------------- argparse
+
+
+def add_plugin_arguments(parser: _Parser) -> _Parser:
+    """Add the plugin's flag group; returns ``parser``, so it works as Megatron-LM's ``extra_args_provider``."""
+    group = parser.add_argument_group(
+        GROUP_TITLE,
+        f"Options of megatron-offload-plugin (defaults in brackets). Flags override {CONFIG_FILE_FLAG}.",
+    )
     group.add_argument(
-        CONFIG_FILE_FLAG, dest="offload_plugin_config", default=None, metavar="PATH",
-        help="YAML or JSON file with plugin options; flags given on the command line override it.",
+        CONFIG_FILE_FLAG, dest=_CONFIG_DEST, default=None, metavar="PATH",
+        help=f"YAML or JSON file ({', '.join(FILE_SUFFIXES)}) of plugin options, nested as section: {{option: value}}.",
     )
     for opt in iter_options():
-        help_text = f"{opt.help} [{opt.default}]"
-        if opt.is_bool:
-            group.add_argument(opt.flag, dest=_dest(opt), action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            choices = [str(c) for c in opt.choices] if opt.choices else None
-            group.add_argument(opt.flag, dest=_dest(opt), default=None, choices=choices, help=help_text)
+        group.add_argument(opt.flag, **_argument_kwargs(opt))
+    return parser
+
+
+def _argument_kwargs(opt: OptionSpec) -> dict[str, Any]:
+    """argparse settings for one option: default ``None`` so we can tell what the user gave."""
+    kwargs: dict[str, Any] = {"dest": _dest(opt), "default": None, "help": _help(opt)}
+    if opt.is_bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif opt.choices is not None:
+        kwargs.update(type=opt.type, choices=list(opt.choices))
+    else:
+        kwargs["metavar"] = opt.field.upper()
+        if opt.type in (str, int, float):
+            kwargs["type"] = opt.type
+    return kwargs  # other types arrive as strings; pydantic converts and checks them
+
+
+def _help(opt: OptionSpec) -> str:
+    default = "unset" if opt.default is None else str(opt.default).lower() if opt.is_bool else opt.default
+    return f"{opt.help} [{default}]".replace("%", "%%")
 
 
 def config_from_args(ns: argparse.Namespace) -> PluginConfig:
-    """The file (if any), then every flag the user gave, validated as one config."""
-    base = load_config_file(ns.offload_plugin_config) if getattr(ns, "offload_plugin_config", None) else PluginConfig()
+    """The file (if given), then every plugin flag the user gave, validated as one config."""
+    if not hasattr(ns, _CONFIG_DEST):
+        raise TypeError("config_from_args: the namespace has no plugin options; call add_plugin_arguments(parser)")
+    path = getattr(ns, _CONFIG_DEST)
+    base = load_config_file(path) if path else PluginConfig()
+    given = {opt: value for opt in iter_options() if (value := getattr(ns, _dest(opt), None)) is not None}
+    if not given:
+        return base
     data = to_mapping(base)
-    for opt in iter_options():
-        value = getattr(ns, _dest(opt), None)
-        if value is not None:
-            data[opt.section][opt.field] = value
-    return config_from_mapping(data, source="command line")
+    for opt, value in given.items():
+        data[opt.section][opt.field] = value
+    logger.debug("offload-plugin options from the command line: %s", ", ".join(o.flag for o in given))
+    return config_from_mapping(data, source="command line", key_names={opt.dotted: opt.flag for opt in given})
+
+
+# ---------------------------------------------------------------- argv splitting
 
 
 def plugin_flags() -> dict[str, OptionSpec | None]:
-    """Every flag the plugin owns (``None`` for the config-file flag)."""
+    """Every flag the plugin owns, negations included (``None`` for the config-file flag)."""
     flags: dict[str, OptionSpec | None] = {CONFIG_FILE_FLAG: None}
     for opt in iter_options():
-        flags[opt.flag] = opt
-        if opt.is_bool:
-            flags["--no-" + opt.flag[2:]] = opt
+        for flag in opt.option_strings:
+            flags[flag] = opt
     return flags
 
 
-def split_plugin_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(plugin flags with their values, everything else in order)."""
+def split_plugin_argv(
+    argv: Sequence[str], *, foreign_flags: Collection[str] = ()
+) -> tuple[list[str], list[str]]:
+    """(plugin flags with their values, everything else in its order).
+
+    The rest goes to Megatron-LM's parser, which would reject our flags, so a
+    near-miss of a plugin flag is refused here with a suggestion rather than
+    passed on.  ``foreign_flags`` are known to belong to the other parser and
+    are never taken for typos.  Everything after ``--`` is passed on untouched.
+    """
     flags = plugin_flags()
     ours: list[str] = []
     rest: list[str] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
-        name, eq, _ = arg.partition("=")
+        if arg == "--":
+            rest += argv[i:]
+            break
+        name = arg.partition("=")[0]
         if name in flags:
-            opt = flags[name]
-            takes_value = opt is None or not opt.is_bool
-            if not takes_value and eq:
-                raise ValueError(f"option '{name}' takes no value (use {name} or --no-{name[2:]})")
-            if takes_value and not eq:
-                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                    raise ValueError(f"option '{name}' expects a value")
-                ours += [arg, argv[i + 1]]
-                i += 2
-                continue
-            ours.append(arg)
-        elif name.startswith("--") and (hint := _near_miss(name, flags)):
-            raise ValueError(f"unknown option '{name}'; did you mean '{hint}'?")
-        else:
-            rest.append(arg)
+            taken = _plugin_tokens(argv, i, name, flags[name])
+            ours += argv[i : i + taken]
+            i += taken
+            continue
+        if name.startswith("--") and name not in foreign_flags:
+            _reject_near_miss(name, list(flags))
+        rest.append(arg)
         i += 1
     return ours, rest
 
 
-def _near_miss(name: str, flags: dict[str, Any]) -> str | None:
-    match = difflib.get_close_matches(name, list(flags), n=1, cutoff=0.85)
-    return match[0] if match else None
+def _plugin_tokens(argv: Sequence[str], i: int, name: str, opt: OptionSpec | None) -> int:
+    """How many tokens from ``argv[i]`` belong to plugin flag ``name`` (1 or 2)."""
+    inline = "=" in argv[i]
+    if opt is not None and opt.is_bool:
+        if inline:
+            raise ValueError(f"option '{name}' takes no value; write {opt.flag} or {opt.negative_flag}")
+        return 1
+    if inline:
+        return 1
+    if i + 1 >= len(argv) or _looks_like_option(argv[i + 1]):
+        raise ValueError(f"option '{name}' expects a value; accepted: {_accepted_values(opt)}")
+    return 2
+
+
+def _looks_like_option(token: str) -> bool:
+    """As argparse sees it: a leading dash, unless the token is a negative number."""
+    return token.startswith("-") and token != "-" and not _NEGATIVE_NUMBER.fullmatch(token)
+
+
+def _accepted_values(opt: OptionSpec | None) -> str:
+    if opt is None:
+        return f"a {', '.join(FILE_SUFFIXES)} file path"
+    if opt.choices is not None:
+        return ", ".join(str(c) for c in opt.choices)
+    return f"a {opt.type.__name__}"
+
+
+def _reject_near_miss(name: str, plugin_flags_: list[str]) -> None:
+    """A flag this close to ours is a typo: Megatron-LM would only say 'unrecognized arguments'."""
+    hint = closest(name, plugin_flags_, cutoff=NEAR_MISS_CUTOFF)
+    if hint is not None:
+        raise ValueError(f"unknown option '{name}'; did you mean '{hint}'?")
+
+
+# ---------------------------------------------------------------- parser
 
 
 class PluginArgumentParser(argparse.ArgumentParser):
-    """argparse with ``allow_abbrev=False`` that suggests the closest option for a typo."""
+    """argparse with ``allow_abbrev=False`` (as Megatron-LM) that suggests the closest option for a typo."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
-    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        """As argparse, but unknown options fail with a suggestion."""
         ns, extras = self.parse_known_args(args, namespace)
         if extras:
-            known = [s for a in self._actions for s in a.option_strings]
-            messages = []
-            for extra in extras:
-                name = extra.partition("=")[0]
-                if not name.startswith("-"):
-                    continue
-                match = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-                hint = f"; did you mean '{match[0]}'?" if match else ""
-                messages.append(f"unrecognized argument '{name}'{hint}")
-            if not messages:
-                messages.append("unrecognized arguments: " + " ".join(extras))
-            self.error("; ".join(messages))
+            self.error(self._unrecognized(extras))
         return ns
+
+    def parse_intermixed_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        """As argparse, but unknown options fail with a suggestion."""
+        ns, extras = self.parse_known_intermixed_args(args, namespace)
+        if extras:
+            self.error(self._unrecognized(extras))
+        return ns
+
+    def _unrecognized(self, extras: list[str]) -> str:
+        """One message per leftover token; a bare value right after an unknown option is taken as its value."""
+        known = list(self._option_string_actions)
+        messages: list[str] = []
+        after_option = False
+        for token in extras:
+            if token.startswith(tuple(self.prefix_chars)) and len(token) > 1:
+                name = token.partition("=")[0]
+                messages.append(f"unrecognized argument '{name}'{_suggestion(name, known)}")
+                after_option = True
+            elif not after_option:
+                messages.append(f"unrecognized argument '{token}'")
+            else:
+                after_option = False
+        return "; ".join(messages)
+
+
+def _suggestion(name: str, known: list[str]) -> str:
+    hint = closest(name, known)
+    return f"; did you mean '{hint}'?" if hint else ""

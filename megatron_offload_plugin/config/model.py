@@ -1,26 +1,40 @@
 """The plugin's one configuration: typed sections, each field with its flag and help text.
 
 Every way in (dashed command-line flags, a YAML/JSON file, a DeepSpeed JSON
-section) ends in a :class:`PluginConfig`; :func:`iter_options` walks the model
-so flags, file keys and documentation all come from these field definitions.
-Adding an option is adding one field.
+section) ends in a :class:`PluginConfig`.  :func:`iter_options` walks the model,
+so flags, file keys and documentation all come from the field definitions
+below: adding an option is adding one field (with ``description=`` and
+``json_schema_extra={"flag": ...}``) to a section.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import re
+import types
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
+
+logger = logging.getLogger(__name__)
+
+_FLAG_RE = re.compile(r"--[a-z0-9]+(?:-[a-z0-9]+)*")
 
 
-class _Section(BaseModel):
+class _FrozenModel(BaseModel):
+    """Base of every config model: unknown keys are errors, values never change after validation."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ScheduleConfig(_Section):
+class ScheduleConfig(_FrozenModel):
+    """Which pipeline schedule runs the microbatches."""
+
     pipeline_schedule: Literal["megatron", "1f1b"] = Field(
         "megatron",
         description=(
@@ -40,7 +54,9 @@ class ScheduleConfig(_Section):
     )
 
 
-class ActivationOffloadConfig(_Section):
+class ActivationOffloadConfig(_FrozenModel):
+    """Where activations saved for backward live between F and B."""
+
     mode: Literal["none"] = Field(
         "none",
         description="Activation offload to host memory. 'none' keeps every activation on the device.",
@@ -48,7 +64,9 @@ class ActivationOffloadConfig(_Section):
     )
 
 
-class TelemetryConfig(_Section):
+class TelemetryConfig(_FrozenModel):
+    """What the plugin measures and logs."""
+
     activation_memory: Literal["auto", "saved-tensors", "cuda", "off"] = Field(
         "auto",
         description=(
@@ -64,52 +82,128 @@ class TelemetryConfig(_Section):
     )
 
 
-class PluginConfig(_Section):
+class PluginConfig(_FrozenModel):
+    """The whole plugin configuration; each component receives only its own section."""
+
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Pipeline schedule.")
     activation_offload: ActivationOffloadConfig = Field(
         default_factory=ActivationOffloadConfig, description="Activation offload."
     )
-    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Measurements.")
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Measurements and logging.")
 
     def is_default(self) -> bool:
+        """True when nothing differs from plain Megatron-core behaviour (every option at its default)."""
         return self == PluginConfig()
 
 
 @dataclass(frozen=True)
 class OptionSpec:
-    """One option as every front end sees it."""
+    """One option as every front end sees it: file key ``section.field``, flag, type and help."""
 
     section: str
     field: str
     flag: str
-    annotation: Any
+    type: type
+    choices: tuple[Any, ...] | None
     default: Any
     help: str
 
     @property
     def dotted(self) -> str:
+        """The key as written in error messages and documentation (``telemetry.log_patches``)."""
         return f"{self.section}.{self.field}"
 
     @property
-    def choices(self) -> tuple[Any, ...] | None:
-        if typing.get_origin(self.annotation) is Literal:
-            return typing.get_args(self.annotation)
-        return None
+    def is_bool(self) -> bool:
+        """Booleans are flag pairs (``--x`` / ``--no-x``) that take no value."""
+        return self.type is bool
 
     @property
-    def is_bool(self) -> bool:
-        return self.annotation is bool
+    def negative_flag(self) -> str | None:
+        """``--no-x`` for a boolean option, else ``None``."""
+        return "--no-" + self.flag[2:] if self.is_bool else None
+
+    @property
+    def option_strings(self) -> tuple[str, ...]:
+        """Every command-line spelling of this option."""
+        return (self.flag, self.negative_flag) if self.negative_flag else (self.flag,)
 
 
 def section_models() -> dict[str, type[BaseModel]]:
-    return {name: f.annotation for name, f in PluginConfig.model_fields.items()}  # type: ignore[misc]
+    """``{section key: section model}`` in declaration order."""
+    sections: dict[str, type[BaseModel]] = {}
+    for name, info in PluginConfig.model_fields.items():
+        model = info.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise TypeError(f"PluginConfig.{name} must be a section model, got {model!r}")
+        sections[name] = model
+    return sections
 
 
 def iter_options() -> Iterator[OptionSpec]:
-    for section, model in section_models().items():
-        for name, f in model.model_fields.items():
-            extra = f.json_schema_extra or {}
-            flag = extra.get("flag") if isinstance(extra, dict) else None
-            if not flag:
-                raise TypeError(f"{model.__name__}.{name} declares no command-line flag")
-            yield OptionSpec(section, name, str(flag), f.annotation, f.default, f.description or "")
+    """Every option, section by section in declaration order: the one source for flags, keys and docs."""
+    yield from _options()
+
+
+@functools.cache
+def _options() -> tuple[OptionSpec, ...]:
+    """Build and check the option table once (the models are fixed at import time)."""
+    options = tuple(
+        _option(section, model, name, info)
+        for section, model in section_models().items()
+        for name, info in model.model_fields.items()
+    )
+    _check_unique_flags(options)
+    return options
+
+
+def _option(section: str, model: type[BaseModel], name: str, info: FieldInfo) -> OptionSpec:
+    """One field as an :class:`OptionSpec`; a field without flag or description is a programming error."""
+    where = f"{model.__name__}.{name}"
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    flag = extra.get("flag")
+    if not isinstance(flag, str) or not _FLAG_RE.fullmatch(flag):
+        raise TypeError(f"{where}: json_schema_extra['flag'] must be a dashed flag like '--my-option', got {flag!r}")
+    if not info.description:
+        raise TypeError(f"{where}: add description=... (it is the --help text)")
+    annotation, optional = _strip_none(info.annotation)
+    choices = _literal_choices(annotation)
+    if choices is not None:
+        option_type: type = type(choices[0])
+    elif isinstance(annotation, type):
+        option_type = annotation
+    else:
+        raise TypeError(f"{where}: use a plain type, a Literal[...] of choices, or either | None; got {annotation!r}")
+    if optional and option_type is bool:
+        raise TypeError(f"{where}: a bool option is a --x/--no-x pair; it cannot also be None")
+    default = info.get_default(call_default_factory=True)
+    if optional and default is not None:
+        raise TypeError(f"{where}: an optional (| None) option must default to None, the value no flag can give")
+    return OptionSpec(section, name, flag, option_type, choices, default, info.description)
+
+
+def _strip_none(annotation: Any) -> tuple[Any, bool]:
+    """``(X, True)`` for ``X | None`` (None means "not set": no flag gives it), else ``(annotation, False)``."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0], True
+    return annotation, False
+
+
+def _literal_choices(annotation: Any) -> tuple[Any, ...] | None:
+    """The choices of a ``Literal[...]`` annotation, else ``None``."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    return None
+
+
+def _check_unique_flags(options: tuple[OptionSpec, ...]) -> None:
+    """Two fields must never share a command-line spelling (negations included)."""
+    owner: dict[str, str] = {}
+    for opt in options:
+        for flag in opt.option_strings:
+            if flag in owner:
+                raise TypeError(f"flag {flag} is declared by both {owner[flag]} and {opt.dotted}")
+            owner[flag] = opt.dotted
