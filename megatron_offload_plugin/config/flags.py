@@ -67,7 +67,13 @@ def _argument_kwargs(opt: OptionSpec) -> dict[str, Any]:
 
 
 def _help(opt: OptionSpec) -> str:
-    default = "unset" if opt.default is None else str(opt.default).lower() if opt.is_bool else opt.default
+    """The field's description plus its default, spelled as in a config file; ``%`` escaped for argparse."""
+    if opt.default is None:
+        default = "unset"
+    elif opt.is_bool:
+        default = str(opt.default).lower()
+    else:
+        default = str(opt.default)
     return f"{opt.help} [{default}]".replace("%", "%%")
 
 

@@ -96,11 +96,15 @@ def _unknown_key(source: str, dotted: str, key: str, accepted: list[str]) -> Val
 
 
 def _describe(err: ValidationError, key_names: Mapping[str, str]) -> str:
-    """pydantic's errors as ``key=value: not accepted; accepted: ...`` lines."""
+    """pydantic's errors as ``key=value: not accepted; accepted: ...`` lines, one per option."""
     options = {opt.dotted: opt for opt in iter_options()}
-    lines = []
+    lines: list[str] = []
+    seen: set[str] = set()
     for item in err.errors():
-        dotted = ".".join(str(part) for part in item["loc"])
+        dotted = ".".join(str(part) for part in item["loc"][:2])  # a union adds its branch name after the field
+        if dotted in seen:
+            continue
+        seen.add(dotted)
         name = key_names.get(dotted, dotted)
         opt = options.get(dotted)
         value = item.get("input")
