@@ -483,3 +483,13 @@ def test_parser_refuses_an_unaccepted_choice(capsys):
 def test_parse_known_args_still_returns_unknown_arguments():
     _, extras = _parser().parse_known_args(["--pipeline-schedul", "x"])
     assert extras == ["--pipeline-schedul", "x"]
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    from megatron_offload_plugin.config import config_from_deepspeed, load_config_file
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    assert load_config_file(root / "plugin_default.yaml").is_default()
+    assert config_from_deepspeed(root / "deepspeed_with_plugin_section.json").is_default()
