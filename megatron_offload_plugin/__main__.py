@@ -38,7 +38,10 @@ def _cmd_config(argv: list[str]) -> int:
     parser = PluginArgumentParser(prog="megatron_offload_plugin config", allow_abbrev=False,
                                   description="Validate plugin options and print the resulting configuration.")
     add_plugin_arguments(parser)
-    cfg = config_from_args(parser.parse_args(argv))
+    try:
+        cfg = config_from_args(parser.parse_args(argv))
+    except ValueError as err:
+        parser.error(str(err))
     print(json.dumps(to_mapping(cfg), indent=2))
     return 0
 

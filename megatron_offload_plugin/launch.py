@@ -36,7 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     parser = PluginArgumentParser(prog="megatron_offload_plugin.launch", allow_abbrev=False)
     add_plugin_arguments(parser)
-    config = config_from_args(parser.parse_args(plugin_argv))
+    try:
+        config = config_from_args(parser.parse_args(plugin_argv))
+    except ValueError as err:
+        parser.error(str(err))
     plugin_api.apply(config)
     sys.argv = [script, *script_argv]
     # As `python SCRIPT.py` would: the script's folder first on the import path.

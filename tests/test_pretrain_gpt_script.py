@@ -109,3 +109,12 @@ def test_plugin_1f1b_runtime_trains_like_megatron_and_writes_a_chrome_trace(tmp_
     events = [e for e in json.loads(traces[0].read_text())["traceEvents"] if e["ph"] == "X"]
     assert {e["pid"] for e in events} == {0, 1}
     assert sum(e["name"].endswith("F0") for e in events) == 2  # microbatch 0's forward on both ranks
+
+
+def test_misspelled_key_in_a_config_file_is_a_clean_usage_error(tmp_path):
+    bad = tmp_path / "plugin.yaml"
+    bad.write_text("activaton_offload:\n  mode: none\n")
+    proc = _run([sys.executable, str(SCRIPT), "--offload-plugin-config", str(bad)], timeout=120)
+    assert proc.returncode == 2
+    assert "unknown key 'activaton_offload'; did you mean 'activation_offload'?" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -128,9 +128,13 @@ def format_summary(summary: dict[str, Any], recipe: GPTRecipe, world_size: int, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     recipe = recipe_from_args(args)
-    requested = config_from_args(args)
+    try:
+        requested = config_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     backend = init_distributed(args.distributed_timeout_minutes)
     world_size = torch.distributed.get_world_size()
     try:
