@@ -244,7 +244,12 @@ def test_a_missing_distribution_is_refused(upstream, patch_set):
     assert upstream.up.compute is upstream.compute
 
 
-def test_a_pre_release_inside_the_range_is_accepted(upstream, patch_set, monkeypatch):
+def test_a_pre_release_inside_the_range_is_accepted_and_one_of_the_excluded_release_is_not(
+        upstream, patch_set, monkeypatch):
+    # packaging < 26 refuses every pre-release unless asked; PEP 440 keeps 0.20.0rc1 out of '<0.20'.
+    monkeypatch.setattr(registry, "installed_version", lambda dist: Version("0.20.0rc1"))
+    with pytest.raises(UnsupportedVersionError, match="installed 0.20.0rc1"):
+        patch_set.apply([_patch()])
     monkeypatch.setattr(registry, "installed_version", lambda dist: Version("0.17.0rc1"))
     patch_set.apply([_patch()])
     assert upstream.up.compute(1) == 20
