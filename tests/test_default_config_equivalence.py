@@ -19,6 +19,8 @@ LAYOUTS = {
     "pp2": (2, dict(pipeline_model_parallel_size=2)),
     "pp4": (4, dict(pipeline_model_parallel_size=4)),
     "pp2_vpp2": (2, dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1)),
+    "tp2_pp2": (4, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)),
+    "dp2_pp2": (4, dict(pipeline_model_parallel_size=2)),
 }
 
 
