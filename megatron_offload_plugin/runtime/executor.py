@@ -21,26 +21,17 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
 import torch
 
+from ..schedules.ir import Action, Kind, Placement
 from .p2p import Mailbox
-from .placement import Placement
 from .wgrad import WeightGradStore
 
-Kind = Literal["F", "B", "W", "BW"]
-
-
-class Step(NamedTuple):
-    """One compute action of one rank: ``kind`` on local ``chunk`` for ``microbatch``."""
-
-    kind: Kind
-    chunk: int
-    microbatch: int
-
-    def __str__(self) -> str:
-        return f"{self.chunk}{self.kind}{self.microbatch}"
+# The runtime executes the compute actions of the schedule IR; communication is
+# derived from them (see :func:`messages_sent`), matched in the senders' order.
+Step = Action
 
 
 class RuntimeStateError(RuntimeError):
@@ -67,10 +58,10 @@ def messages_sent(programs: dict[int, Sequence[Step]], placement: Placement) -> 
         sent = []
         for step in program:
             stage = placement.stage(rank, step.chunk)
-            if step.kind == "F" and not placement.is_last(stage):
+            if step.kind is Kind.F and not placement.is_last(stage):
                 dst, _ = placement.locate(stage + 1)
                 sent.append((dst, ("act", stage + 1, step.microbatch)))
-            elif step.kind in ("B", "BW") and not placement.is_first(stage):
+            elif step.kind in (Kind.B, Kind.BW) and not placement.is_first(stage):
                 dst, _ = placement.locate(stage - 1)
                 sent.append((dst, ("grad", stage - 1, step.microbatch)))
         out[rank] = sent
@@ -105,7 +96,7 @@ def _grad_finalizing_steps(program: Sequence[Step]) -> dict[int, int]:
     """Index of the last action that completes each chunk's gradients (its last W or BW)."""
     last: dict[int, int] = {}
     for i, step in enumerate(program):
-        if step.kind in ("W", "BW"):
+        if step.kind in (Kind.W, Kind.BW):
             last[step.chunk] = i
     return last
 
@@ -135,9 +126,9 @@ def run_program(
 
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     iterators = list(data_iterator) if isinstance(data_iterator, (list, tuple)) else [data_iterator]
-    if len(chunks) != placement.chunks_per_rank or len(iterators) != len(chunks):
+    if len(chunks) != placement.chunks or len(iterators) != len(chunks):
         raise RuntimeStateError(
-            f"rank {rank}: the schedule places {placement.chunks_per_rank} model chunk(s) per rank, "
+            f"rank {rank}: the schedule places {placement.chunks} model chunk(s) per rank, "
             f"got {len(chunks)} chunk(s) and {len(iterators)} data iterator(s)"
         )
     config = get_model_config(chunks[0])
@@ -244,7 +235,7 @@ def run_program(
         if not placement.is_last(stage):
             src, _ = placement.locate(stage + 1)
             grad = mailbox.recv(src, ("grad", stage, m))
-        capture = store.capture((c, m)) if step.kind == "B" else contextlib.nullcontext()
+        capture = store.capture((c, m)) if step.kind is Kind.B else contextlib.nullcontext()
         with capture:
             input_grad = backward_step(input_tensor, output_tensor, grad, config)
         if not placement.is_first(stage):
@@ -254,10 +245,14 @@ def run_program(
     def do_weight(step: Step) -> None:
         store.run((step.chunk, step.microbatch))
 
-    handlers: dict[str, Callable[[Step], None]] = {"F": do_forward, "B": do_backward, "BW": do_backward, "W": do_weight}
+    handlers: dict[Kind, Callable[[Step], None]] = {
+        Kind.F: do_forward, Kind.B: do_backward, Kind.BW: do_backward, Kind.W: do_weight,
+    }
     try:
         for index, step in enumerate(program):
-            if forward_only and step.kind != "F":
+            if not step.is_compute:
+                continue  # communication is derived from the compute actions
+            if forward_only and step.kind is not Kind.F:
                 continue
             if finalizing.get(step.chunk) == index:
                 enable_grad_sync(step.chunk)

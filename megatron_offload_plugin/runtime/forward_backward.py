@@ -15,8 +15,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..schedules.ir import Action, Kind, Placement
 from .executor import Step, StepTrace, run_program
-from .placement import Placement
 from .wgrad import WeightGradStore
 
 logger = logging.getLogger(__name__)
@@ -27,8 +27,8 @@ ProgramSource = Callable[[int, int, int], tuple[Placement, dict[int, list[Step]]
 
 def forward_only_program(placement: Placement, rank: int, num_microbatches: int) -> list[Step]:
     """Evaluation: each microbatch through this rank's chunks in stage order (sends never block)."""
-    chunks = sorted(range(placement.chunks_per_rank), key=lambda c: placement.stage(rank, c))
-    return [Step("F", c, m) for m in range(num_microbatches) for c in chunks]
+    chunks = sorted(range(placement.chunks), key=lambda c: placement.stage(rank, c))
+    return [Action(c, Kind.F, m) for m in range(num_microbatches) for c in chunks]
 
 
 def make_forward_backward_func(
