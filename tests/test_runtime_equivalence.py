@@ -19,7 +19,7 @@ pytestmark = pytest.mark.multiprocess
 @pytest.mark.parametrize("split, w_delay", [(False, 0), (True, 0), (True, 2)], ids=["BW", "B+W", "B+W-late"])
 def test_runtime_matches_megatron_1f1b_bitwise_at_pp4(split, w_delay, tiny_gpt):
     recipe = dict(tiny_gpt, global_batch_size=12, micro_batch_size=2, pipeline_model_parallel_size=4)
-    reports = run_distributed(runtime_equivalence_worker, 4, recipe, split, w_delay, 2, timeout_s=300)
+    reports = run_distributed(runtime_equivalence_worker, 4, recipe, split, w_delay, 2, "1f1b-order", timeout_s=300)
     for report in reports:
         assert report["num_grads_compared"] > 0
         assert report["bitwise_equal"], f"rank {report['rank']}: {report['mismatched']}"
@@ -39,3 +39,25 @@ def test_runtime_routes_interleaved_chunks_like_megatron_at_pp2_vpp2(split, tiny
     for report in reports:
         assert report["num_grads_compared"] > 0
         assert report["bitwise_equal"], f"rank {report['rank']}: {report['mismatched']}"
+
+
+@pytest.mark.parametrize(
+    "schedule, split, parallel, world, microbatches",
+    [
+        ("zb-h1", True, dict(pipeline_model_parallel_size=4), 4, 8),
+        ("zb-h2", True, dict(pipeline_model_parallel_size=4), 4, 9),
+        ("interleaved", False, dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1), 2, 4),
+        ("zb-h1", True, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2), 4, 4),
+        ("zb-h1", True, dict(pipeline_model_parallel_size=2), 4, 6),  # DP=2 x PP=2
+    ],
+    ids=["zb-h1-pp4", "zb-h2-pp4", "interleaved-pp2-vpp2", "zb-h1-tp2-pp2", "zb-h1-dp2-pp2"],
+)
+def test_registered_schedules_match_megatron(schedule, split, parallel, world, microbatches, tiny_gpt):
+    """Each rank runs its forwards in Megatron's order (same dropout masks) and its Ws in
+    microbatch order (same main_grad accumulation order): bit for bit, with dropout on."""
+    dp = world // (parallel.get("tensor_model_parallel_size", 1) * parallel["pipeline_model_parallel_size"])
+    recipe = dict(tiny_gpt, micro_batch_size=1, global_batch_size=microbatches * dp, **parallel)
+    reports = run_distributed(runtime_equivalence_worker, world, recipe, split, 0, 2, schedule, timeout_s=300)
+    for report in reports:
+        assert report["num_grads_compared"] > 0
+        assert report["bitwise_equal"], f"{schedule} rank {report['rank']}: {report['mismatched']} (max rel {report['max_rel_diff']:.2e})"

@@ -35,12 +35,14 @@ class _FrozenModel(BaseModel):
 class ScheduleConfig(_FrozenModel):
     """Which pipeline schedule runs the microbatches."""
 
-    pipeline_schedule: Literal["megatron", "1f1b"] = Field(
+    pipeline_schedule: Literal["megatron", "1f1b", "interleaved", "zb-h1", "zb-h2"] = Field(
         "megatron",
         description=(
-            "Pipeline schedule. 'megatron' runs Megatron-core's own 1F1B / interleaved schedule "
-            "unchanged; '1f1b' runs Megatron's 1F1B order in the plugin runtime (the baseline "
-            "the plugin's other schedules are measured against)."
+            "Pipeline schedule. 'megatron': Megatron-core's own 1F1B / interleaved functions, "
+            "unchanged. In the plugin runtime: '1f1b' and 'interleaved' (Megatron's orders, the "
+            "baselines), 'zb-h1' (zero bubble at 1F1B memory) and 'zb-h2' (zero bubble, 2p-1 "
+            "activations), which split each linear's backward into input (B) and weight (W) "
+            "gradients."
         ),
         json_schema_extra={"flag": "--pipeline-schedule"},
     )

@@ -25,6 +25,7 @@ on another rank: the simulator adds the communication delay there.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple
 
 from .ir import Action, Kind, Placement
@@ -46,15 +47,21 @@ class Need(NamedTuple):
         return (rank == self.rank and action.chunk == self.chunk and action.microbatch == self.microbatch
                 and action.kind in self.kinds)
 
-    def keys(self) -> list[tuple[int, Action]]:
+    def keys(self) -> tuple[tuple[int, Action], ...]:
         """The (rank, action) pairs any one of which meets this need."""
-        return [(self.rank, Action(self.chunk, k, self.microbatch)) for k in sorted(self.kinds, key=lambda k: k.value)]
+        return _keys(self.rank, self.chunk, self.kinds, self.microbatch)
 
     def __str__(self) -> str:
         alts = " or ".join(repr(a) for _, a in self.keys())
         return f"{alts} on rank {self.rank}"
 
 
+@lru_cache(maxsize=1 << 14)
+def _keys(rank: int, chunk: int, kinds: frozenset[Kind], microbatch: int) -> tuple[tuple[int, Action], ...]:
+    return tuple((rank, Action(chunk, k, microbatch)) for k in sorted(kinds, key=lambda k: k.value))
+
+
+@lru_cache(maxsize=1 << 16)
 def requirements(placement: Placement, rank: int, action: Action, *, lowered: bool) -> tuple[Need, ...]:
     """The needs of ``action`` on ``rank`` (see the module table)."""
     chunk, kind, mb = action

@@ -125,6 +125,10 @@ class Placement:
         if flat != list(range(len(flat))):
             raise ValueError(f"placement {[list(r) for r in stages]} must hold each stage 0..{len(flat) - 1} exactly once")
         object.__setattr__(self, "_where", {s: (r, c) for r, row in enumerate(stages) for c, s in enumerate(row)})
+        object.__setattr__(self, "_hash", hash(stages))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined]
 
     @classmethod
     def single(cls, pp: int) -> Placement:

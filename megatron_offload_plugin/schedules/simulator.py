@@ -3,9 +3,9 @@
 Each rank runs its actions in order, one at a time; an action starts when its
 rank is free and everything :func:`.deps.requirements` names has ended (plus
 ``costs.comm`` for a need met on another rank).  Because a rank never
-reorders, processing the actions in any dependency-respecting order (the one
-:func:`.validate.validate` returns) yields the same start times as an
-event-driven run; a schedule that fails validation is never timed.  A
+reorders, sweeping the ranks and advancing each as far as its inputs allow
+yields the same start times as an event-driven run.  A schedule is validated
+(:func:`.validate.validate`) before it is timed.  A
 lowered schedule (with SEND/RECV) times exactly like its compute-only form:
 sends and receives take no device time, and a receive ends ``comm`` after its
 send.
@@ -28,11 +28,12 @@ than activations (see :mod:`.costs` for the activation accounting).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 from .costs import CostModel
 from .deps import requirements
-from .ir import Action, Schedule
+from .ir import Action, Kind, Schedule
 from .validate import validate
 
 
@@ -80,27 +81,121 @@ def _r(x: float) -> float:
     return round(x, 9)
 
 
+class _Deadlock(RuntimeError):
+    pass
+
+
+class Pruned(Exception):
+    """Timing stopped: the schedule already runs past the cutoff it was given."""
+
+
+@lru_cache(maxsize=1 << 16)
+def _needs(placement, rank: int, action: Action, lowered: bool, comm: float):
+    return tuple((n.keys(), comm if n.remote else 0.0) for n in requirements(placement, rank, action, lowered=lowered))
+
+
+def _run(schedule: Schedule, costs: CostModel, cutoff: float = float("inf")) -> list[list[tuple[float, float]]]:
+    """(start, end) of every action, rank by rank; raises ``_Deadlock`` if the ranks get stuck
+    and :class:`Pruned` once an action ends after ``cutoff``."""
+    placement, lowered = schedule.placement, schedule.is_lowered
+    rows = schedule.ranks
+    comm = costs.comm
+    durations: dict[tuple[int, int, Kind], float] = {}
+    plan = []
+    for rank, row in enumerate(rows):
+        steps = []
+        for a in row:
+            dkey = (rank, a.chunk, a.kind)
+            duration = durations.get(dkey)
+            if duration is None:
+                duration = durations[dkey] = costs.duration(placement, rank, a)
+            steps.append((_needs(placement, rank, a, lowered, comm), duration, (rank, a)))
+        plan.append(steps)
+    end: dict[tuple[int, Action], float] = {}
+    times: list[list[tuple[float, float]]] = [[] for _ in rows]
+    free = [0.0] * len(rows)
+    pos = [0] * len(rows)
+    left = sum(len(r) for r in rows)
+    while left:
+        progress = False
+        for rank, steps in enumerate(plan):
+            i, t = pos[rank], free[rank]
+            while i < len(steps):
+                needs, duration, key = steps[i]
+                start = t
+                for alternatives, delay in needs:
+                    ready = None
+                    for k in alternatives:
+                        e = end.get(k)
+                        if e is not None:
+                            ready = e
+                            break
+                    if ready is None:
+                        break
+                    if ready + delay > start:
+                        start = ready + delay
+                else:
+                    t = start + duration
+                    if t > cutoff:
+                        raise Pruned(f"past {cutoff}")
+                    end[key] = t
+                    times[rank].append((start, t))
+                    i += 1
+                    continue
+                break
+            if i != pos[rank]:
+                left -= i - pos[rank]
+                pos[rank], free[rank] = i, t
+                progress = True
+        if not progress:
+            raise _Deadlock("no rank can move")
+    return times
+
+
+def quick_eval(schedule: Schedule, costs: CostModel, cutoff: float = float("inf")) -> tuple[float, float, float]:
+    """(makespan, steady bubble rate, highest peak activation) without validating first.
+
+    For ranking candidates a generator built; a deadlocked schedule raises ``ValueError``, one
+    that runs past ``cutoff`` raises :class:`Pruned`.  Always :func:`simulate` (or validate)
+    the one you keep.
+    """
+    try:
+        times = _run(schedule, costs, cutoff)
+    except _Deadlock:
+        raise ValueError(f"schedule {schedule.name!r} deadlocks") from None
+    busy = window = makespan = peak = 0.0
+    pl = schedule.placement
+    deltas: dict[tuple[int, int, Kind], tuple[float, float]] = {}
+    for rank, row in enumerate(schedule.ranks):
+        first, last, level = None, 0.0, 0.0
+        for a, (s, e) in zip(row, times[rank]):
+            if not a.is_compute:
+                continue
+            busy += e - s
+            first = s if first is None else first
+            last = e
+            key = (rank, a.chunk, a.kind)
+            d = deltas.get(key)
+            if d is None:
+                d = deltas[key] = (costs.allocates(pl, rank, a), costs.releases(pl, rank, a))
+            level += d[0]
+            if level > peak:
+                peak = level
+            level -= d[1]
+        if first is not None:
+            window += last - first
+        makespan = max(makespan, last)
+    return makespan, (1.0 - busy / window if window > 0 else 0.0), peak
+
+
 def simulate(schedule: Schedule, costs: CostModel | None = None) -> SimulationResult:
     """Validate ``schedule`` (raising :class:`.validate.ScheduleError`) and time it under ``costs``."""
     costs = costs or CostModel()
-    order = validate(schedule)
-    placement, lowered = schedule.placement, schedule.is_lowered
-    end: dict[tuple[int, Action], float] = {}
-    free = [0.0] * schedule.pp
-    times: dict[tuple[int, int], tuple[float, float]] = {}
-    for rank, step in order:
-        action = schedule.ranks[rank][step]
-        start = free[rank]
-        for need in requirements(placement, rank, action, lowered=lowered):
-            ready = min(end[k] for k in need.keys() if k in end)
-            start = max(start, ready + (costs.comm if need.remote else 0.0))
-        finish = start + costs.duration(placement, rank, action)
-        end[(rank, action)] = finish
-        free[rank] = finish
-        times[(rank, step)] = (start, finish)
-
+    validate(schedule)
+    placement = schedule.placement
+    times = _run(schedule, costs)
     timeline = tuple(
-        TimelineEntry(rank, a, *times[(rank, step)])
+        TimelineEntry(rank, a, *times[rank][step])
         for rank, row in enumerate(schedule.ranks) for step, a in enumerate(row)
     )
     busy, windows, memory, peaks = [], [], [], []

@@ -168,12 +168,14 @@ def layout_gradients_worker(rank: int, world_size: int, recipe_kwargs: dict[str,
 
 def runtime_equivalence_worker(
     rank: int, world_size: int, recipe_kwargs: dict[str, Any], split: bool, w_delay: int, iterations: int,
-    program: str = "1f1b",
+    program: str = "1f1b-order",
 ) -> dict[str, Any]:
     """Megatron's own schedule vs the plugin runtime (B/W split or not) on the same model.
 
-    ``program``: '1f1b' (Megatron's 1F1B order) or 'gpipe' (all forwards, then all
-    backwards, by stage: with interleaved chunks this exercises multi-chunk routing)."""
+    ``program``: '1f1b-order' (Megatron's 1F1B order, with ``split``/``w_delay``), 'gpipe'
+    (all forwards, then all backwards, by stage: exercises multi-chunk routing), or a
+    registered schedule name ('1f1b', 'interleaved', 'zb-h1', 'zb-h2'); ``split`` must then
+    match whether the schedule has W actions."""
     import functools
 
     from ..patches import PatchSet
@@ -191,11 +193,14 @@ def runtime_equivalence_worker(
     patches.apply([wgrad_split_patch(store)])
     import megatron.core.pipeline_parallel as pp_pkg
 
-    source = (
-        functools.partial(one_f_one_b_programs, split=split, w_delay=w_delay)
-        if program == "1f1b"
-        else functools.partial(all_forward_all_backward_programs, split=split)
-    )
+    if program == "1f1b-order":
+        source = functools.partial(one_f_one_b_programs, split=split, w_delay=w_delay)
+    elif program == "gpipe":
+        source = functools.partial(all_forward_all_backward_programs, split=split)
+    else:  # a registered schedule, e.g. 'zb-h1'
+        from ..runtime.plugin_runtime import schedule_programs
+
+        source = functools.partial(schedule_programs, program)
     runtime_func = make_forward_backward_func(f"test-{program}", source, store)
     original = pp_pkg.get_forward_backward_func
     pp_pkg.get_forward_backward_func = lambda *a, **k: runtime_func

@@ -1,0 +1,104 @@
+"""Timeline figure of a simulated schedule, in the style of the zero-bubble papers' figures.
+
+One row per device (device 0 on top), time to the right; each compute action
+is a box coloured by kind (F, B, W, BW; a model chunk's second half of a V
+or interleaved placement in a darker shade) with its microbatch number inside.
+White is idle.  An optional lower panel draws each device's activation memory.
+Uses matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .ir import Kind
+from .simulator import SimulationResult
+
+# (chunk 0 colour, last chunk colour) per kind; intermediate chunks are blended.
+COLORS: dict[Kind, tuple[str, str]] = {
+    Kind.F: ("#cfe2f3", "#6fa8dc"),
+    Kind.B: ("#d9ead3", "#93c47d"),
+    Kind.W: ("#fff2cc", "#f1c232"),
+    Kind.BW: ("#f4cccc", "#e06666"),
+}
+
+
+def _blend(a: str, b: str, x: float) -> str:
+    ca = [int(a[i:i + 2], 16) for i in (1, 3, 5)]
+    cb = [int(b[i:i + 2], 16) for i in (1, 3, 5)]
+    return "#" + "".join(f"{round(u + (v - u) * x):02x}" for u, v in zip(ca, cb))
+
+
+def color_of(kind: Kind, chunk: int, chunks: int) -> str:
+    light, dark = COLORS[kind]
+    return light if chunks == 1 else _blend(light, dark, chunk / (chunks - 1))
+
+
+def plot_timeline(result: SimulationResult, path: str | Path, *, title: str | None = None,
+                  memory: bool = True, dpi: int = 120) -> Path:
+    """Write the timeline of ``result`` as a PNG at ``path`` and return the path."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    schedule = result.schedule
+    p, chunks = schedule.pp, schedule.placement.chunks
+    makespan = result.makespan or 1.0
+    width = min(max(8.0, makespan * 0.4 * max(1, schedule.placement.chunks) ** 0.5), 60.0)
+    rows = 2 if memory else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(width, 0.55 * p + 1.6 + (1.8 if memory else 0)), squeeze=False,
+                             gridspec_kw={"height_ratios": [max(p, 2), 2] if memory else [1]})
+    ax = axes[0][0]
+    boxes = [e for e in result.timeline if e.action.is_compute]
+    pixels_per_unit = width * dpi / makespan
+    for e in boxes:
+        y = p - 1 - e.rank
+        ax.broken_barh([(e.start, e.end - e.start)], (y + 0.05, 0.9),
+                       facecolors=color_of(e.action.kind, e.action.chunk, chunks), edgecolors="#444444", linewidth=0.4)
+        box_px = (e.end - e.start) * pixels_per_unit
+        label = str(e.action.microbatch)
+        if box_px >= 5.5 * len(label):
+            ax.text((e.start + e.end) / 2, y + 0.5, label, ha="center", va="center",
+                    fontsize=max(4.5, min(9.0, box_px / (1.1 * len(label) + 1))))
+    ax.set_xlim(0, makespan)
+    ax.set_ylim(0, p)
+    ax.set_yticks([p - 1 - r + 0.5 for r in range(p)])
+    ax.set_yticklabels([f"device {r}" for r in range(p)])
+    ax.set_xlabel("time")
+    kinds = sorted({e.action.kind for e in boxes}, key=lambda k: list(COLORS).index(k))
+    handles = [Patch(facecolor=color_of(k, chunks - 1, chunks), edgecolor="#444444", label=k.value) for k in kinds]
+    ax.legend(handles=handles, loc="upper right", bbox_to_anchor=(1.0, 1.0 + 0.9 / max(p, 2)), ncol=len(handles),
+              fontsize=8, frameon=False)
+    heading = title or (
+        f"{schedule.name or 'schedule'}: pp={p}, microbatches={schedule.microbatches}, chunks/rank={chunks}; "
+        f"makespan {result.makespan:.4g}, bubble {result.bubble_rate:.2%} "
+        f"(steady {result.steady_bubble_rate:.2%}), peak activation {max(result.peak_activation):.3g}"
+    )
+    ax.set_title(heading, fontsize=9, loc="left")
+    if memory:
+        mx = axes[1][0]
+        for r, curve in enumerate(result.memory):
+            xs, ys = [], []
+            for t, level in curve:
+                if xs and t == xs[-1]:  # several changes at one instant: draw where it settles
+                    ys[-1] = level
+                    continue
+                if xs:
+                    xs.append(t)
+                    ys.append(ys[-1])
+                xs.append(t)
+                ys.append(level)
+            xs.append(makespan)
+            ys.append(ys[-1])
+            mx.plot(xs, ys, linewidth=1.0, label=f"device {r}")
+        mx.set_xlim(0, makespan)
+        mx.set_ylabel("activations")
+        mx.set_xlabel("time")
+        mx.legend(fontsize=7, ncol=min(p, 8), loc="upper right", frameon=False)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
