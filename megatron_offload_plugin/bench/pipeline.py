@@ -29,6 +29,9 @@ SCHEDULES: dict[str, tuple[str, int]] = {
     "megatron": ("megatron", 1),
     "interleaved-megatron": ("megatron", 2),
     "1f1b": ("1f1b", 1),
+    "interleaved": ("interleaved", 2),
+    "zb-h1": ("zb-h1", 1),
+    "zb-h2": ("zb-h2", 1),
 }
 
 
@@ -132,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--pp", type=int, default=4, help="pipeline-parallel size (processes launched)")
     p.add_argument("--microbatches", type=int, default=8, help="microbatches per iteration")
-    p.add_argument("--schedules", default="megatron,1f1b", help="comma-separated; accepted: " + ", ".join(SCHEDULES))
+    p.add_argument("--schedules", default="1f1b,interleaved,zb-h1,zb-h2",
+                   help="comma-separated; accepted: " + ", ".join(SCHEDULES)
+                   + " ('megatron' and 'interleaved-megatron' are Megatron-core's own functions)")
     p.add_argument("--iterations", type=int, default=3, help="training iterations per schedule")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=128)

@@ -112,6 +112,8 @@ def make_split_backward(original: Callable[..., Any], store: WeightGradStore) ->
         from megatron.core.utils import dist_all_gather_func, dist_reduce_scatter_func
     from megatron.core.parallel_state import get_global_memory_buffer
 
+    from ..telemetry.activation_memory import active_saved_tensor_hooks
+
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
         if store.capturing_key is None or ctx.grad_output_buffer is not None:
             # Not inside a B action, or the embedding-wgrad deferral path: upstream as is.
@@ -142,8 +144,14 @@ def make_split_backward(original: Callable[..., Any], store: WeightGradStore) ->
 
         sequence_parallel = ctx.sequence_parallel
         fusion = ctx.gradient_accumulation_fusion
+        # What W still needs (the layer input and the output gradient) goes through the
+        # saved-tensor hooks active at B, like any tensor kept for backward: trackers count
+        # it until W, and an offloader may move it off the device in between.
+        hooks = active_saved_tensor_hooks()
+        held = (input_, grad_output) if hooks is None else (hooks[0](input_), hooks[0](grad_output))
 
         def weight_grad() -> None:
+            input_, grad_output = held if hooks is None else (hooks[1](held[0]), hooks[1](held[1]))
             total_input = input_
             if sequence_parallel:
                 dim_size = list(input_.size())

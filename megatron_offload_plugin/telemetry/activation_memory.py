@@ -57,7 +57,7 @@ class ActivationTracker(Protocol):
     def peak_bytes(self) -> int: ...
 
 
-def _top_hooks() -> tuple[_Pack, _Unpack] | None:
+def active_saved_tensor_hooks() -> tuple[_Pack, _Unpack] | None:
     """The (pack, unpack) pair active on this thread, or None; private torch API, so guarded."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     if top is None:  # pragma: no cover - depends on the torch build
@@ -229,7 +229,7 @@ class SavedTensorTracker:
         chain the same way; Megatron-core's fine-grained offload does not.  Re-entering
         the same tracker is a no-op.  Hooks are per thread, like torch's.
         """
-        outer = _top_hooks()
+        outer = active_saved_tensor_hooks()
         if outer is not None and getattr(outer[0], "owner", None) is self:
             yield
             return
