@@ -126,6 +126,7 @@ class Placement:
             raise ValueError(f"placement {[list(r) for r in stages]} must hold each stage 0..{len(flat) - 1} exactly once")
         object.__setattr__(self, "_where", {s: (r, c) for r, row in enumerate(stages) for c, s in enumerate(row)})
         object.__setattr__(self, "_hash", hash(stages))
+        object.__setattr__(self, "_last", len(flat) - 1)
 
     def __hash__(self) -> int:
         return self._hash  # type: ignore[attr-defined]
@@ -176,7 +177,7 @@ class Placement:
         return stage == 0
 
     def is_last(self, stage: int) -> bool:
-        return stage == self.num_stages - 1
+        return stage == self._last  # type: ignore[attr-defined]
 
 
 def _check_positive(**values: int) -> None:
@@ -266,7 +267,7 @@ class Schedule:
 
     def format_grid(self, error_step: int | None = None, error_rank: int | None = None) -> str:
         """One row per step, one column per rank; ``<-- ERROR HERE`` marks ``error_step``."""
-        width = max([len(repr(a)) for row in self.ranks for a in row] + [len(f"Rank {self.pp - 1}")]) + 2
+        width = max([len(repr(a)) for row in self.ranks for a in row] + [len(f"Rank {self.pp - 1}")]) + 4
         steps = max((len(r) for r in self.ranks), default=0)
         digits = len(str(max(steps - 1, 0)))
         head = " " * (digits + 7) + "".join(f"Rank {r}".ljust(width) for r in range(self.pp))

@@ -113,6 +113,7 @@ def _run(schedule: Schedule, costs: CostModel, cutoff: float = float("inf")) -> 
         plan.append(steps)
     end: dict[tuple[int, Action], float] = {}
     times: list[list[tuple[float, float]]] = [[] for _ in rows]
+    work = [sum(step[1] for step in steps) for steps in plan]  # device time still to run, per rank
     free = [0.0] * len(rows)
     pos = [0] * len(rows)
     left = sum(len(r) for r in rows)
@@ -120,6 +121,7 @@ def _run(schedule: Schedule, costs: CostModel, cutoff: float = float("inf")) -> 
         progress = False
         for rank, steps in enumerate(plan):
             i, t = pos[rank], free[rank]
+            left_work = work[rank]
             while i < len(steps):
                 needs, duration, key = steps[i]
                 start = t
@@ -136,7 +138,8 @@ def _run(schedule: Schedule, costs: CostModel, cutoff: float = float("inf")) -> 
                         start = ready + delay
                 else:
                     t = start + duration
-                    if t > cutoff:
+                    left_work -= duration
+                    if t + left_work > cutoff:
                         raise Pruned(f"past {cutoff}")
                     end[key] = t
                     times[rank].append((start, t))
@@ -145,7 +148,7 @@ def _run(schedule: Schedule, costs: CostModel, cutoff: float = float("inf")) -> 
                 break
             if i != pos[rank]:
                 left -= i - pos[rank]
-                pos[rank], free[rank] = i, t
+                pos[rank], free[rank], work[rank] = i, t, left_work
                 progress = True
         if not progress:
             raise _Deadlock("no rank can move")

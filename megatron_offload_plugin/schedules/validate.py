@@ -137,12 +137,18 @@ def _raise_deadlock(schedule: Schedule, pos: list[int], needs: list, done: set) 
         step = pos[rank]
         missing = [n for n in needs[rank][step] if not any(k in done for k in n.keys())]
         blocked.append((rank, step, row[step], missing))
-    # Prefer a rank waiting on something that no rank will ever run: that is the bug.
+    # Name the root cause when there is an obvious one: something no rank will ever run, or
+    # something later on the same rank (the rank's own order is wrong).
     for rank, step, action, missing in blocked:
         absent = [n for n in missing if not any(k in everywhere for k in n.keys())]
         if absent:
             raise ScheduleError(schedule, rank, step,
                                 f"{action!r} needs {absent[0]}, which is not in the schedule")
+    for rank, step, action, missing in blocked:
+        later = [n for n in missing if n.rank == rank]
+        if later:
+            raise ScheduleError(schedule, rank, step,
+                                f"{action!r} needs {later[0]}, which comes later on the same rank")
     rank, step, action, missing = blocked[0]
     others = "; ".join(f"rank {r} step {s} {a!r} waits for {m[0]}" for r, s, a, m in blocked[1:])
     raise ScheduleError(

@@ -71,6 +71,17 @@ class _Greedy:
                 f"memory_limit={policy.memory_limit}: one microbatch needs {max(sum(r) for r in self.frac)} "
                 "activation units on a device; no schedule fits"
             )
+        # Per (device, chunk): stage, and (stage, delay) of the F input and the B input (None: none).
+        self.stage = [[placement.stage(d, c) for c in range(v)] for d in range(p)]
+        self.f_src: list[list[tuple[int, float] | None]] = [[None] * v for _ in range(p)]
+        self.b_src: list[list[tuple[int, float] | None]] = [[None] * v for _ in range(p)]
+        for d in range(p):
+            for c in range(v):
+                s = self.stage[d][c]
+                if s > 0:
+                    self.f_src[d][c] = (s - 1, costs.comm if placement.locate(s - 1)[0] != d else 0.0)
+                if not placement.is_last(s):
+                    self.b_src[d][c] = (s + 1, costs.comm if placement.locate(s + 1)[0] != d else 0.0)
         self.t = [0.0] * p
         self.next_f = [[0] * v for _ in range(p)]
         self.next_b = [[0] * v for _ in range(p)]
@@ -83,6 +94,7 @@ class _Greedy:
         self.open_need = [dict() for _ in range(p)]  # mb -> share still to allocate on the device
         self.orders: list[list[Action]] = [[] for _ in range(p)]
         self.remaining = [3 * v * microbatches for _ in range(p)]
+        self.work = [microbatches * sum(self.dur[k][d][c] for k in self.dur for c in range(v)) for d in range(p)]
         self.started0 = 0  # microbatches started on stage 0
         self.finished0 = 0  # microbatches whose B on stage 0 ended
 
@@ -92,26 +104,25 @@ class _Greedy:
         j = self.next_f[d][c]
         if j >= self.m:
             return None
-        s = self.pl.stage(d, c)
-        if s == 0:
+        src = self.f_src[d][c]
+        if src is None:
             return 0.0
-        prev = self.f_end.get((s - 1, j))
-        if prev is None:
-            return None
-        return prev + (self.costs.comm if self.pl.locate(s - 1)[0] != d else 0.0)
+        prev = self.f_end.get((src[0], j))
+        return None if prev is None else prev + src[1]
 
     def _b_ready(self, d: int, c: int) -> float | None:
         j = self.next_b[d][c]
         if j >= self.m or j >= self.next_f[d][c]:
             return None
-        s = self.pl.stage(d, c)
-        own = self.f_end[(s, j)]
-        if self.pl.is_last(s):
+        own = self.f_end[(self.stage[d][c], j)]
+        src = self.b_src[d][c]
+        if src is None:
             return own
-        nxt = self.b_end.get((s + 1, j))
+        nxt = self.b_end.get((src[0], j))
         if nxt is None:
             return None
-        return max(own, nxt + (self.costs.comm if self.pl.locate(s + 1)[0] != d else 0.0))
+        nxt += src[1]
+        return own if own > nxt else nxt
 
     def _f_admissible(self, d: int, c: int) -> bool:
         j = self.next_f[d][c]
@@ -133,7 +144,8 @@ class _Greedy:
         c, kind, j = action
         s = self.pl.stage(d, c)
         end = start + self.dur[kind][d][c]
-        if end > self.cutoff:
+        self.work[d] -= self.dur[kind][d][c]
+        if end + self.work[d] > self.cutoff:  # this device alone cannot finish in time
             raise Pruned(f"past {self.cutoff}")
         frac = self.frac[d][c]
         if kind is Kind.F:
@@ -279,6 +291,7 @@ class _Replay:
         self.done_b: set[tuple[int, int]] = set()
         self.orders: list[list[Action]] = [[] for _ in range(pl.pp)]
         self.spare = [max(costs.fraction(pl, d, c) for c in range(pl.chunks)) for d in range(pl.pp)]
+        self.work = [sum(costs.duration(pl, d, a) for a in row) for d, row in enumerate(schedule.ranks)]
 
     def _ready(self, d: int, a: Action) -> float | None:
         s = self.pl.stage(d, a.chunk)
@@ -303,7 +316,8 @@ class _Replay:
         pl, costs = self.pl, self.costs
         s = pl.stage(d, a.chunk)
         end = start + costs.duration(pl, d, a)
-        if end > self.cutoff:
+        self.work[d] -= end - start
+        if end + self.work[d] > self.cutoff:
             raise Pruned(f"past {self.cutoff}")
         self.mem[d] += costs.allocates(pl, d, a) - costs.releases(pl, d, a)
         if a.kind is Kind.F:

@@ -77,6 +77,8 @@ class _VRounds:
         self.end: dict[tuple[Kind, int, int, int], float] = {}  # (kind, chunk, device, mb)
         self.pending_w: list[deque[tuple[int, int]]] = [deque() for _ in range(p)]
         self.orders: list[list[Action]] = [[] for _ in range(p)]
+        self.work = [m * sum(costs.duration(self.pl, d, Action(c, k, 0)) for c in (0, 1) for k in (Kind.F, Kind.B, Kind.W))
+                     for d in range(p)]
 
     # -- the dependency of the next (kind, chunk) on device d --------------------------------------
     def _dep(self, d: int, kind: Kind, chunk: int, mb: int) -> tuple[Kind, int, int, int] | None:
@@ -127,7 +129,8 @@ class _VRounds:
         if self.count[d][(Kind.F, 0)] > 0:
             self.bubble[d] += start - self.t[d]
         end = start + self.costs.duration(self.pl, d, action)
-        if end > self.cutoff:
+        self.work[d] -= end - start
+        if end + self.work[d] > self.cutoff:
             raise Pruned(f"past {self.cutoff}")
         self.end[(kind, chunk, d, mb)] = end
         self.t[d] = end

@@ -48,20 +48,20 @@ def v_candidates(request: ScheduleRequest, budget: float) -> Iterator[Candidate]
             label = f"v-rounds(fill_f={fill_f}, fill_b={fill_b})"
             yield lambda cutoff, ff=fill_f, fb=fill_b, label=label: v_rounds_schedule(
                 p, m, costs, budget, fill_f=ff, fill_b=fb, name=label, cutoff=cutoff)
+    if costs.stage_weights is None:  # blocks assume equal chunks
+        for i, block in enumerate(blocks_within(p, budget)):
+            label = f"block{i}"
+            yield lambda cutoff, block=block, label=label: block_schedule(block, m, name=label)
+            for fill, window in (("eager", 6),):
+                yield lambda cutoff, block=block, fill=fill, window=window, label=label: list_replay(
+                    block_schedule(block, m, name=label), costs, budget, fill=fill, window=window,
+                    name=f"{label}+replay(fill={fill}, window={window})", cutoff=cutoff)
     placement = Placement.v_shape(p)
     for fill, prefer, headroom in GREEDY_POLICIES:
         policy = GreedyPolicy(budget, fill=fill, prefer=prefer, headroom=headroom)
         label = f"greedy(v, fill={fill}, prefer={prefer}, headroom={headroom})"
         yield lambda cutoff, policy=policy, label=label: greedy_schedule(
             placement, m, costs, policy, name=label, cutoff=cutoff)
-    if costs.stage_weights is None:  # blocks assume equal chunks
-        for i, block in enumerate(blocks_within(p, budget)):
-            label = f"block{i}"
-            yield lambda cutoff, block=block, label=label: block_schedule(block, m, name=label)
-            for fill, window in (("eager", 6), ("fit", 6), ("eager", 12)):
-                yield lambda cutoff, block=block, fill=fill, window=window, label=label: list_replay(
-                    block_schedule(block, m, name=label), costs, budget, fill=fill, window=window,
-                    name=f"{label}+replay(fill={fill}, window={window})", cutoff=cutoff)
 
 
 def _v_schedule(request: ScheduleRequest, name: str, budget: float) -> Schedule:
