@@ -35,14 +35,15 @@ class _FrozenModel(BaseModel):
 class ScheduleConfig(_FrozenModel):
     """Which pipeline schedule runs the microbatches."""
 
-    pipeline_schedule: Literal["megatron", "1f1b", "interleaved", "zb-h1", "zb-h2"] = Field(
+    pipeline_schedule: Literal["megatron", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "v-half", "v-min"] = Field(
         "megatron",
         description=(
             "Pipeline schedule. 'megatron': Megatron-core's own 1F1B / interleaved functions, "
             "unchanged. In the plugin runtime: '1f1b' and 'interleaved' (Megatron's orders, the "
             "baselines), 'zb-h1' (zero bubble at 1F1B memory) and 'zb-h2' (zero bubble, 2p-1 "
-            "activations), which split each linear's backward into input (B) and weight (W) "
-            "gradients."
+            "activations), and the V-shaped 'zb-v' (peak p), 'v-half' (about p/2+1) and 'v-min' "
+            "(about p/3+1), which split each linear's backward into input (B) and weight (W) "
+            "gradients. V schedules need two model chunks per rank and untied embeddings."
         ),
         json_schema_extra={"flag": "--pipeline-schedule"},
     )

@@ -64,6 +64,8 @@ def patches_for(config: PluginConfig, runtime: "PluginRuntime | None" = None) ->
     patches = []
     if runtime is not None and runtime.splits_weight_gradients:
         patches.append(wgrad_split_patch(runtime.store))
+    if runtime is not None and runtime.v_placement:
+        patches += v_placement_patches()
     return patches + [
         Patch(
             name=SCHEDULE_DISPATCH,
@@ -102,3 +104,71 @@ def wgrad_split_patch(store: Any) -> Patch:
         reason="B/W split: input gradients in B, weight gradients in W",
         rebind_imported=False,
     )
+
+
+V_LAYER_OFFSET = "v-layer-offset"
+V_LAST_STAGE = "v-last-stage"
+
+
+def _v_stage(pp_size: int, pp_rank: int, vp_stage: int) -> int:
+    return pp_rank if vp_stage == 0 else 2 * pp_size - 1 - pp_rank
+
+
+def v_placement_patches() -> list[Patch]:
+    """Build model chunks in V order: rank r holds stages r (chunk 0) and 2p-1-r (chunk 1).
+
+    Megatron numbers layers and picks the loss chunk for its interleaved order; with V,
+    chunk 1 of rank r starts at layer (2p-1-r) x layers-per-chunk and the loss chunk is
+    chunk 1 of rank 0.  Only calls that name a virtual stage change.
+    """
+
+    def offset_factory(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def get_transformer_layer_offset(config: Any, vp_stage: Any = None, pp_rank: Any = None) -> int:
+            if vp_stage is None or config.virtual_pipeline_model_parallel_size != 2:
+                return original(config, vp_stage=vp_stage, pp_rank=pp_rank)
+            if (
+                config.pipeline_model_parallel_layout
+                or config.num_layers_in_first_pipeline_stage is not None
+                or config.num_layers_in_last_pipeline_stage is not None
+            ):
+                raise NotImplementedError(
+                    "V-shaped schedules need an even layer split: unset pipeline_model_parallel_layout, "
+                    "num_layers_in_first_pipeline_stage and num_layers_in_last_pipeline_stage"
+                )
+            from megatron.core import parallel_state
+
+            if pp_rank is None:
+                pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+            p = config.pipeline_model_parallel_size
+            return _v_stage(p, pp_rank, vp_stage) * (config.num_layers // (2 * p))
+
+        return get_transformer_layer_offset
+
+    def last_stage_factory(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def is_pipeline_last_stage(ignore_virtual: bool = True, vp_stage: Any = None) -> bool:
+            from megatron.core import parallel_state
+
+            if ignore_virtual or vp_stage is None or parallel_state.get_virtual_pipeline_model_parallel_world_size() != 2:
+                return original(ignore_virtual=ignore_virtual, vp_stage=vp_stage)
+            return parallel_state.get_pipeline_model_parallel_rank() == 0 and vp_stage == 1
+
+        return is_pipeline_last_stage
+
+    return [
+        Patch(
+            name=V_LAYER_OFFSET,
+            target="megatron.core.transformer.transformer_layer:get_transformer_layer_offset",
+            make_replacement=offset_factory,
+            versions=SUPPORTED_MEGATRON_CORE,
+            reason="V placement: layer numbers of each (rank, chunk)",
+        ),
+        Patch(
+            name=V_LAST_STAGE,
+            target="megatron.core.parallel_state:is_pipeline_last_stage",
+            make_replacement=last_stage_factory,
+            versions=SUPPORTED_MEGATRON_CORE,
+            reason="V placement: the loss chunk is chunk 1 of pipeline rank 0",
+        ),
+    ]

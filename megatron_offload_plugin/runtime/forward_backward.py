@@ -31,6 +31,21 @@ def forward_only_program(placement: Placement, rank: int, num_microbatches: int)
     return [Action(c, Kind.F, m) for m in range(num_microbatches) for c in chunks]
 
 
+def _check_v_model(name: str, chunks: Sequence[Any]) -> None:
+    """With V placement the embedding and the output layer sit in two chunks of rank 0;
+    Megatron ties them through the embedding group of the first and last *ranks*."""
+    for chunk in chunks:
+        module = chunk
+        while hasattr(module, "module"):
+            module = module.module
+        if getattr(module, "share_embeddings_and_output_weights", False):
+            raise NotImplementedError(
+                f"--pipeline-schedule {name}: V placement needs --untie-embeddings-and-output-weights "
+                "(tied embedding and output weights are synchronised between the first and last "
+                "pipeline ranks, but V puts both on rank 0)"
+            )
+
+
 def make_forward_backward_func(
     name: str,
     source: ProgramSource,
@@ -80,6 +95,8 @@ def make_forward_backward_func(
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         rank = parallel_state.get_pipeline_model_parallel_rank()
         placement, programs = programs_for(pp, len(chunks), num_microbatches)
+        if placement.shape == "v":
+            _check_v_model(name, chunks)
         if forward_only:
             programs = {r: forward_only_program(placement, r, num_microbatches) for r in range(pp)}
         trace = StepTrace() if trace_sink is not None else None

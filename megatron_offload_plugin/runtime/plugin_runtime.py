@@ -20,9 +20,12 @@ from .trace import TraceRecorder
 from .wgrad import WeightGradStore
 
 # Names accepted by --pipeline-schedule that the runtime can execute.
-RUNTIME_SCHEDULES = ("1f1b", "interleaved", "zb-h1", "zb-h2")
-SIMULATE_ONLY = ("zb-v", "v-half", "v-min", "auto")
-_SPLITS_WEIGHT_GRADIENTS = {"1f1b": False, "interleaved": False, "zb-h1": True, "zb-h2": True}
+RUNTIME_SCHEDULES = ("1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "v-half", "v-min")
+V_SCHEDULES = ("zb-v", "v-half", "v-min")
+SIMULATE_ONLY = ("auto",)
+_SPLITS_WEIGHT_GRADIENTS = {
+    "1f1b": False, "interleaved": False, "zb-h1": True, "zb-h2": True, "zb-v": True, "v-half": True, "v-min": True,
+}
 
 
 def schedule_programs(name: str, pp: int, chunks: int, microbatches: int) -> tuple[Any, dict[int, list[Step]]]:
@@ -30,6 +33,15 @@ def schedule_programs(name: str, pp: int, chunks: int, microbatches: int) -> tup
     from ..schedules.generators import generate
 
     vpp = chunks if chunks > 1 else None
+    if name in V_SCHEDULES:
+        if chunks != 2:
+            raise ValueError(
+                f"--pipeline-schedule {name} places two model chunks per pipeline rank (V shape): set "
+                "--num-layers-per-virtual-pipeline-stage to num_layers / (2 x pipeline size)"
+            )
+        schedule = generate(name, pp, microbatches)
+        programs = {r: [a for a in schedule.ranks[r] if a.is_compute] for r in range(pp)}
+        return schedule.placement, programs
     if name == "interleaved" and vpp is None:
         raise ValueError(
             "--pipeline-schedule interleaved needs model chunks: set "
@@ -52,6 +64,7 @@ class PluginRuntime:
     recorder: TraceRecorder
     forward_backward: Callable[..., Any]
     splits_weight_gradients: bool = False
+    v_placement: bool = False
 
 
 def build_runtime(config: PluginConfig) -> PluginRuntime | None:
@@ -61,8 +74,8 @@ def build_runtime(config: PluginConfig) -> PluginRuntime | None:
         return None
     if name not in RUNTIME_SCHEDULES:
         raise ValueError(
-            f"--pipeline-schedule {name}: the runtime does not place V-shaped model chunks yet; "
-            f"runnable: {', '.join(RUNTIME_SCHEDULES)}. Simulate it with "
+            f"--pipeline-schedule {name}: the runtime cannot run it; runnable: "
+            f"{', '.join(RUNTIME_SCHEDULES)}. Simulate it with "
             f"'python -m megatron_offload_plugin simulate --schedule {name}'"
         )
     store = WeightGradStore()
@@ -75,4 +88,5 @@ def build_runtime(config: PluginConfig) -> PluginRuntime | None:
     return PluginRuntime(
         name=name, store=store, recorder=recorder, forward_backward=func,
         splits_weight_gradients=_SPLITS_WEIGHT_GRADIENTS[name],
+        v_placement=name in V_SCHEDULES,
     )

@@ -40,6 +40,8 @@ class Kind(str, Enum):
     def __str__(self) -> str:
         return self.value
 
+    __hash__ = str.__hash__  # Enum's own hashes by name in Python: kinds are hashed in hot loops
+
     @property
     def description(self) -> str:
         return KIND_DESCRIPTIONS[self]
@@ -130,6 +132,11 @@ class Placement:
 
     def __hash__(self) -> int:
         return self._hash  # type: ignore[attr-defined]
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        return isinstance(other, Placement) and self.stages == other.stages
 
     @classmethod
     def single(cls, pp: int) -> Placement:

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 from .costs import CostModel
 from .deps import requirements
 from .ir import Action, Kind, Schedule
-from .validate import validate
+from .validate import is_validated, validate
 
 
 class TimelineEntry(NamedTuple):
@@ -194,7 +194,8 @@ def quick_eval(schedule: Schedule, costs: CostModel, cutoff: float = float("inf"
 def simulate(schedule: Schedule, costs: CostModel | None = None) -> SimulationResult:
     """Validate ``schedule`` (raising :class:`.validate.ScheduleError`) and time it under ``costs``."""
     costs = costs or CostModel()
-    validate(schedule)
+    if not is_validated(schedule):
+        validate(schedule)
     placement = schedule.placement
     times = _run(schedule, costs)
     timeline = tuple(

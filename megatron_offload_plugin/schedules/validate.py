@@ -42,7 +42,14 @@ def validate(schedule: Schedule) -> list[tuple[int, int]]:
     """
     _check_actions(schedule)
     _check_complete(schedule)
-    return execution_order(schedule)
+    order = execution_order(schedule)
+    object.__setattr__(schedule, "_validated", True)  # schedules are immutable: once is enough
+    return order
+
+
+def is_validated(schedule: Schedule) -> bool:
+    """Whether :func:`validate` already passed for this very object."""
+    return getattr(schedule, "_validated", False)
 
 
 def _check_actions(schedule: Schedule) -> None:

@@ -213,3 +213,17 @@ def runtime_equivalence_worker(
     report["rank"] = rank
     report["reference_losses"] = reference.losses
     return report
+
+
+def schedule_gradients_worker(
+    rank: int, world_size: int, recipe_kwargs: dict[str, Any], schedule: str
+) -> dict[str, Any]:
+    """One iteration under ``--pipeline-schedule schedule`` with layout-independent weights;
+    global-name -> gradient, so any two layouts can be compared (run_distributed target)."""
+    recipe = GPTRecipe(**recipe_kwargs)
+    recipe.validate(world_size)
+    plugin_api.apply({"schedule": {"pipeline_schedule": schedule}, "telemetry": {"log_patches": False}})
+    try:
+        return layout_gradients_worker(rank, world_size, recipe_kwargs)
+    finally:
+        plugin_api.revert()

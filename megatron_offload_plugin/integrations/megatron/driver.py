@@ -164,8 +164,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # The last rank holds the loss; its line also carries every stage's peak.
                 print_rank_last(format_iteration(recipe, result, trainer.last_stage_peaks))
         summary = trainer.summary.as_dict()
-        losses = _losses_from_last_rank(summary["losses"])
-        summary["losses"] = losses
         summary["plugin"] = plugin_api.describe()
         summary["backend"] = backend
         summary["world_size"] = world_size
@@ -179,13 +177,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             parallel_state.destroy_model_parallel()
         torch.distributed.destroy_process_group()
     return 0
-
-
-def _losses_from_last_rank(losses: list[float | None]) -> list[float | None]:
-    """Broadcast the last rank's losses so every rank's summary agrees."""
-    payload = [losses]
-    torch.distributed.broadcast_object_list(payload, src=torch.distributed.get_world_size() - 1)
-    return payload[0]
 
 
 if __name__ == "__main__":  # pragma: no cover

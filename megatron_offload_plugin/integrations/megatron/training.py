@@ -202,24 +202,27 @@ class Trainer:
             learning_rate=lr,
             measured_bubble_rate=_measured_bubble_rate(),
         )
+        result.loss = self._record_stage_figures(result.peak_activation_bytes, result.loss)
         self.summary.iterations.append(result)
-        self._record_stage_peaks(result.peak_activation_bytes)
         return result
 
-    def _record_stage_peaks(self, peak: int) -> None:
-        """Gather every pipeline rank's peak so the last rank can log all stages."""
+    def _record_stage_figures(self, peak: int, loss: float | None) -> float | None:
+        """Gather every pipeline rank's peak, and the loss from whichever rank computed it
+        (the last rank, or rank 0 with a V-shaped schedule), so every rank can log them."""
         from megatron.core import parallel_state
 
         group = parallel_state.get_pipeline_model_parallel_group()
         size = torch.distributed.get_world_size(group)
         gathered: list[Any] = [None] * size
-        torch.distributed.all_gather_object(gathered, peak, group=group)
-        peaks = [int(x) for x in gathered]
+        torch.distributed.all_gather_object(gathered, (peak, loss), group=group)
+        peaks = [int(p) for p, _ in gathered]
+        losses = [l for _, l in gathered if l is not None]
         self._peak_per_stage = peaks
         prev = self.summary.peak_activation_bytes_per_stage
         self.summary.peak_activation_bytes_per_stage = (
             [max(a, b) for a, b in zip(prev, peaks)] if prev else peaks
         )
+        return losses[0] if losses else None
 
     @property
     def last_stage_peaks(self) -> list[int]:

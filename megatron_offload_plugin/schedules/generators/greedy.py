@@ -199,23 +199,24 @@ class _Greedy:
     def _step(self, d: int) -> bool:
         """Decide device ``d``'s next action at its free time; False if it must wait."""
         now = self.t[d] + _EPS
-        pl, v = self.pl, self.pl.chunks
-        bs = []
-        for c in range(v):
+        stage = self.stage[d]
+        b_key = f_key = None  # (sort key, chunk, microbatch)
+        late = self.policy.f_order == "late"
+        for c in range(len(stage)):
             r = self._b_ready(d, c)
             if r is not None and r <= now:
-                bs.append((self.next_b[d][c], -pl.stage(d, c), c))
-        fs = []
-        for c in range(v):
+                key = (self.next_b[d][c], -stage[c])
+                if b_key is None or key < b_key[0]:
+                    b_key = (key, c, self.next_b[d][c])
             r = self._f_ready(d, c)
             if r is not None and r <= now and self._f_admissible(d, c):
-                key = -pl.stage(d, c) if self.policy.f_order == "late" else self.next_f[d][c]
-                fs.append((key, self.next_f[d][c], c))
-        pick: Action | None = None
-        b_pick = Action(min(bs)[2], Kind.B, min(bs)[0]) if bs else None
-        f_pick = Action(min(fs)[2], Kind.F, min(fs)[1]) if fs else None
-        first, second = (b_pick, f_pick) if self.policy.prefer == "B" else (f_pick, b_pick)
-        pick = first or second
+                j = self.next_f[d][c]
+                key = (-stage[c] if late else j, j)
+                if f_key is None or key < f_key[0]:
+                    f_key = (key, c, j)
+        b_pick = Action(b_key[1], Kind.B, b_key[2]) if b_key else None
+        f_pick = Action(f_key[1], Kind.F, f_key[2]) if f_key else None
+        pick = (b_pick or f_pick) if self.policy.prefer == "B" else (f_pick or b_pick)
         if pick is not None:
             if pick.kind is Kind.F:
                 frac = self.frac[d][pick.chunk]
@@ -232,23 +233,24 @@ class _Greedy:
 
     def run(self, name: str) -> Schedule:
         p = self.pl.pp
+        t, remaining = self.t, self.remaining
+        live = [d for d in range(p) if remaining[d] > 0]
         blocked: set[int] = set()  # devices that cannot act at the current time
-        while True:
-            live = [d for d in range(p) if self.remaining[d] > 0]
-            if not live:
-                break
-            now = min(self.t[d] for d in live)
+        while live:
+            now = min(t[d] for d in live)
             acted = False
             for d in live:
-                if self.t[d] <= now + _EPS and d not in blocked:
+                if t[d] <= now + _EPS and d not in blocked:
                     if self._step(d):
                         acted = True
+                        if remaining[d] == 0:
+                            live.remove(d)
                         break
                     blocked.add(d)
             if acted:
                 continue
             # Everyone free now is waiting: move them to the next moment something can change.
-            later = [self.t[e] for e in live if self.t[e] > now + _EPS]
+            later = [t[e] for e in live if t[e] > now + _EPS]
             for d in blocked:
                 for c in range(self.pl.chunks):
                     for r in (self._f_ready(d, c), self._b_ready(d, c)):
@@ -258,7 +260,7 @@ class _Greedy:
                 raise Stuck(f"greedy policy {self.policy} is stuck at t={now}")
             nxt = min(later)
             for d in blocked:
-                self.t[d] = nxt
+                t[d] = nxt
             blocked.clear()
         return Schedule(self.pl, tuple(tuple(o) for o in self.orders), self.m, name=name)
 

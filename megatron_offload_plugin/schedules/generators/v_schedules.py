@@ -27,11 +27,13 @@ import math
 from dataclasses import replace
 from collections.abc import Iterator
 
+from ..costs import CostModel
 from ..ir import Placement, Schedule
+from ..simulator import quick_eval
 from .greedy import GreedyPolicy, greedy_schedule, list_replay
 from .registry import ScheduleRequest, check_request
 from .search import Candidate, best_schedule, makespan_lower_bound
-from .v_blocks import block_schedule, blocks_within
+from .v_blocks import Block, block_schedule, blocks_within
 from .v_rounds import v_rounds_schedule
 from .zero_bubble import GREEDY_POLICIES
 
@@ -49,19 +51,25 @@ def v_candidates(request: ScheduleRequest, budget: float) -> Iterator[Candidate]
             yield lambda cutoff, ff=fill_f, fb=fill_b, label=label: v_rounds_schedule(
                 p, m, costs, budget, fill_f=ff, fill_b=fb, name=label, cutoff=cutoff)
     if costs.stage_weights is None:  # blocks assume equal chunks
-        for i, block in enumerate(blocks_within(p, budget)):
-            label = f"block{i}"
-            yield lambda cutoff, block=block, label=label: block_schedule(block, m, name=label)
-            for fill, window in (("eager", 6),):
-                yield lambda cutoff, block=block, fill=fill, window=window, label=label: list_replay(
-                    block_schedule(block, m, name=label), costs, budget, fill=fill, window=window,
-                    name=f"{label}+replay(fill={fill}, window={window})", cutoff=cutoff)
+        blocks = blocks_within(p, budget)
+        for i, block in enumerate(blocks):
+            yield lambda cutoff, block=block, i=i: block_schedule(block, m, name=f"block{i}")
+        if blocks:
+            yield lambda cutoff: _replay_best_block(blocks, m, costs, budget, cutoff)
     placement = Placement.v_shape(p)
     for fill, prefer, headroom in GREEDY_POLICIES:
         policy = GreedyPolicy(budget, fill=fill, prefer=prefer, headroom=headroom)
         label = f"greedy(v, fill={fill}, prefer={prefer}, headroom={headroom})"
         yield lambda cutoff, policy=policy, label=label: greedy_schedule(
             placement, m, costs, policy, name=label, cutoff=cutoff)
+
+
+def _replay_best_block(blocks: list[Block], m: int, costs: CostModel, budget: float, cutoff: float) -> Schedule:
+    """The block fastest under ``costs``, its warm-up and cool-down squeezed by :func:`list_replay`."""
+    timed = [(quick_eval(block_schedule(b, m, name=""), costs)[0], i) for i, b in enumerate(blocks)]
+    _, i = min(timed)
+    return list_replay(block_schedule(blocks[i], m, name=f"block{i}"), costs, budget, fill="eager", window=6,
+                       name=f"block{i}+replay", cutoff=cutoff)
 
 
 def _v_schedule(request: ScheduleRequest, name: str, budget: float) -> Schedule:
