@@ -167,9 +167,9 @@ def test_unknown_key_without_a_close_match_still_lists_accepted_keys():
 
 
 def test_invalid_choice_names_dotted_key_value_and_accepted_values():
-    message = _error({"schedule": {"pipeline_schedule": "zbv"}})
+    message = _error({"schedule": {"pipeline_schedule": "gpipe"}})
     assert message.startswith(
-        "offload-plugin config (run.yaml): schedule.pipeline_schedule='zbv': not accepted; accepted: 'megatron'"
+        "offload-plugin config (run.yaml): schedule.pipeline_schedule='gpipe': not accepted; accepted: 'megatron'"
     )
 
 
