@@ -32,7 +32,11 @@ SCHEDULES: dict[str, tuple[str, int]] = {
     "interleaved": ("interleaved", 2),
     "zb-h1": ("zb-h1", 1),
     "zb-h2": ("zb-h2", 1),
+    "zb-v": ("zb-v", 2),
+    "v-half": ("v-half", 2),
+    "v-min": ("v-min", 2),
 }
+_V_SCHEDULES = {"zb-v", "v-half", "v-min"}
 
 
 def _recipe(args: dict[str, Any], chunks: int) -> GPTRecipe:
@@ -84,7 +88,8 @@ def bench_worker(rank: int, world_size: int, args: dict[str, Any]) -> list[dict[
         plugin_schedule, chunks = SCHEDULES[name]
         recipe = _recipe(args, chunks)
         recipe.validate(world_size)
-        reference_name = "interleaved-megatron" if chunks > 1 else "megatron"
+        # V layouts compute the same function as Megatron's 1F1B (weights set by global name).
+        reference_name = "interleaved-megatron" if chunks > 1 and name not in _V_SCHEDULES else "megatron"
         plugin_api.apply({"schedule": {"pipeline_schedule": plugin_schedule}, "telemetry": {"log_patches": False}})
         try:
             run = _run_one(recipe, args["iterations"])
@@ -94,14 +99,20 @@ def bench_worker(rank: int, world_size: int, args: dict[str, Any]) -> list[dict[
         raw.append(run)
     by_name = {r["name"]: r for r in raw}
     for run in raw:
-        ref = by_name.get(run["reference"])
-        if ref is None:
+        if run["reference"] not in by_name:
             plugin_api.apply({"telemetry": {"log_patches": False}})
             try:
-                ref = _run_one(_recipe(args, SCHEDULES[run["reference"]][1]), 1)
+                ref_run = _run_one(_recipe(args, SCHEDULES[run["reference"]][1]), 1)
             finally:
                 plugin_api.revert()
-            by_name[run["reference"]] = ref
+            by_name[run["reference"]] = ref_run
+    for run in by_name.values():
+        # Layouts place parameters on different ranks: compare whole models by global name.
+        gathered: list[Any] = [None] * world_size
+        torch.distributed.all_gather_object(gathered, run["grads"])
+        run["grads"] = {k: v for part in gathered for k, v in part.items()}
+    for run in raw:
+        ref = by_name[run["reference"]]
         diffs = [
             ((run["grads"][k] - g).abs().max() / g.abs().max().clamp_min(1e-30)).item()
             for k, g in ref["grads"].items()
@@ -135,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--pp", type=int, default=4, help="pipeline-parallel size (processes launched)")
     p.add_argument("--microbatches", type=int, default=8, help="microbatches per iteration")
-    p.add_argument("--schedules", default="1f1b,interleaved,zb-h1,zb-h2",
+    p.add_argument("--schedules", default="1f1b,interleaved,zb-h1,zb-v",
                    help="comma-separated; accepted: " + ", ".join(SCHEDULES)
                    + " ('megatron' and 'interleaved-megatron' are Megatron-core's own functions)")
     p.add_argument("--iterations", type=int, default=3, help="training iterations per schedule")
