@@ -82,3 +82,11 @@ def test_v_schedules_compute_megatron_1f1b_gradients(tiny_gpt):
             rel = ((got_grads[name] - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
             assert rel <= 1e-6, f"{schedule}: {name} differs by {rel:.2e} (relative)"
         assert got[0]["loss"] == reference[-1]["loss"], schedule  # V computes the loss on rank 0
+
+
+@pytest.mark.parametrize("microbatches", [2, 4, 7], ids=["m=p", "m=2p", "m=3p+1"])
+def test_zb_h1_matches_megatron_over_microbatch_counts_at_pp2(microbatches, tiny_gpt):
+    recipe = dict(tiny_gpt, micro_batch_size=1, global_batch_size=microbatches, pipeline_model_parallel_size=2)
+    reports = run_distributed(runtime_equivalence_worker, 2, recipe, True, 0, 2, "zb-h1", timeout_s=300)
+    for report in reports:
+        assert report["bitwise_equal"], f"m={microbatches} rank {report['rank']}: {report['mismatched']}"

@@ -46,14 +46,32 @@ def _check_v_model(name: str, chunks: Sequence[Any]) -> None:
             )
 
 
+def _check_no_transformer_engine_linears(name: str, chunks: Sequence[Any]) -> None:
+    """Transformer Engine linears compute their weight gradients inside TE's own backward,
+    which the B/W split does not reach: W would silently do nothing."""
+    for chunk in chunks:
+        for module in chunk.modules():
+            if type(module).__module__.startswith("transformer_engine") or type(module).__module__.startswith(
+                "megatron.core.extensions.transformer_engine"
+            ):
+                raise NotImplementedError(
+                    f"--pipeline-schedule {name} splits each linear's backward into B and W, but the model "
+                    f"has Transformer Engine layers ({type(module).__name__}) whose weight gradients it "
+                    "cannot defer; build the model with the local layer spec "
+                    "(get_gpt_layer_local_spec) or use --pipeline-schedule 1f1b / interleaved / megatron"
+                )
+
+
 def make_forward_backward_func(
     name: str,
     source: ProgramSource,
     store: WeightGradStore,
     *,
     trace_sink: Callable[[StepTrace], None] | None = None,
+    splits_weight_gradients: bool = False,
 ) -> Callable[..., list[Any]]:
     """Megatron's schedule-function signature, running the plugin schedule ``name``."""
+    checked: set[str] = set()
 
     @functools.lru_cache(maxsize=16)
     def programs_for(pp: int, chunks: int, microbatches: int) -> tuple[Placement, dict[int, list[Step]]]:
@@ -95,8 +113,12 @@ def make_forward_backward_func(
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         rank = parallel_state.get_pipeline_model_parallel_rank()
         placement, programs = programs_for(pp, len(chunks), num_microbatches)
-        if placement.shape == "v":
-            _check_v_model(name, chunks)
+        if name not in checked:
+            if placement.shape == "v":
+                _check_v_model(name, chunks)
+            if splits_weight_gradients:
+                _check_no_transformer_engine_linears(name, chunks)
+            checked.add(name)
         if forward_only:
             programs = {r: forward_only_program(placement, r, num_microbatches) for r in range(pp)}
         trace = StepTrace() if trace_sink is not None else None

@@ -84,7 +84,9 @@ def build_runtime(config: PluginConfig) -> PluginRuntime | None:
     def source(pp: int, chunks: int, microbatches: int) -> tuple[Any, dict[int, list[Step]]]:
         return schedule_programs(name, pp, chunks, microbatches)
 
-    func = make_forward_backward_func(name, source, store, trace_sink=recorder)
+    func = make_forward_backward_func(
+        name, source, store, trace_sink=recorder, splits_weight_gradients=_SPLITS_WEIGHT_GRADIENTS[name]
+    )
     return PluginRuntime(
         name=name, store=store, recorder=recorder, forward_backward=func,
         splits_weight_gradients=_SPLITS_WEIGHT_GRADIENTS[name],
