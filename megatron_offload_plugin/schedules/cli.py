@@ -79,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--microbatch-group-size", type=int, default=None, metavar="N",
                         help="interleaved only: Megatron's microbatch_group_size_per_vp_stage (default: pp)")
     parser.add_argument("--cost-f", type=float, default=1.0, metavar="T", help="forward time (default 1)")
-    parser.add_argument("--cost-b", type=float, default=1.0, metavar="T", help="input-gradient backward time (default 1)")
-    parser.add_argument("--cost-w", type=float, default=1.0, metavar="T", help="weight-gradient backward time (default 1)")
+    parser.add_argument("--cost-b", type=float, default=1.0, metavar="T",
+                        help="input-gradient backward time (default 1)")
+    parser.add_argument("--cost-w", type=float, default=1.0, metavar="T",
+                        help="weight-gradient backward time (default 1)")
     parser.add_argument("--cost-comm", type=float, default=0.0, metavar="T",
                         help="delay of a message between devices (default 0)")
     parser.add_argument("--memory-limit", type=float, default=None, metavar="U",

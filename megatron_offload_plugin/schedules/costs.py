@@ -20,7 +20,6 @@ activation memory is dead once the input gradient is computed); the default
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .ir import Action, Kind, Placement
@@ -88,9 +87,3 @@ class CostModel:
         if self.b_releases:
             out["b_releases"] = self.b_releases
         return out
-
-
-def chunk_costs(costs: CostModel, placement: Placement) -> Sequence[float]:
-    """(f, b, w) of one chunk when every chunk has the same share (for generators' arithmetic)."""
-    frac = 1.0 / placement.chunks
-    return costs.f * frac, costs.b * frac, costs.w * frac

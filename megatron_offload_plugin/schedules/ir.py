@@ -125,7 +125,8 @@ class Placement:
             raise ValueError(f"every rank must hold the same number of chunks; got {[len(r) for r in stages]}")
         flat = sorted(s for row in stages for s in row)
         if flat != list(range(len(flat))):
-            raise ValueError(f"placement {[list(r) for r in stages]} must hold each stage 0..{len(flat) - 1} exactly once")
+            raise ValueError(
+                f"placement {[list(r) for r in stages]} must hold each stage 0..{len(flat) - 1} exactly once")
         object.__setattr__(self, "_where", {s: (r, c) for r, row in enumerate(stages) for c, s in enumerate(row)})
         object.__setattr__(self, "_hash", hash(stages))
         object.__setattr__(self, "_last", len(flat) - 1)

@@ -49,7 +49,6 @@ class GreedyPolicy:
     prefer: Literal["B", "F"] = "B"
     f_order: Literal["late", "early"] = "late"  # among ready F's: latest stage first, or oldest microbatch
     headroom: Literal["full", "one"] = "full"
-    max_inflight: int | None = None  # cap on microbatches started but not finished (B) on stage 0
 
 
 def greedy_schedule(placement: Placement, microbatches: int, costs: CostModel, policy: GreedyPolicy,
@@ -95,8 +94,6 @@ class _Greedy:
         self.orders: list[list[Action]] = [[] for _ in range(p)]
         self.remaining = [3 * v * microbatches for _ in range(p)]
         self.work = [microbatches * sum(self.dur[k][d][c] for k in self.dur for c in range(v)) for d in range(p)]
-        self.started0 = 0  # microbatches started on stage 0
-        self.finished0 = 0  # microbatches whose B on stage 0 ended
 
     # -- readiness ------------------------------------------------------------------------------
     def _f_ready(self, d: int, c: int) -> float | None:
@@ -126,13 +123,10 @@ class _Greedy:
 
     def _f_admissible(self, d: int, c: int) -> bool:
         j = self.next_f[d][c]
-        s = self.pl.stage(d, c)
         frac = self.frac[d][c]
         limit = self.policy.memory_limit + _EPS
         if j in self.open_need[d]:  # a later chunk of a microbatch already admitted here
             return self.policy.headroom == "full" or self.committed[d] + frac <= limit
-        if s == 0 and self.policy.max_inflight is not None and self.started0 - self.finished0 >= self.policy.max_inflight:
-            return False
         rest = sum(self.frac[d]) - frac
         if self.policy.headroom == "full":
             kept = sum(self.open_need[d].values())
@@ -159,16 +153,12 @@ class _Greedy:
             need[j] -= frac
             if need[j] <= _EPS:
                 del need[j]
-            if s == 0:
-                self.started0 += 1
         elif kind is Kind.B:
             self.b_end[(s, j)] = end
             self.next_b[d][c] += 1
             self.committed[d] -= frac
             self.mem[d] -= self.costs.b_releases * frac
             self.pending_w[d].append((c, j))
-            if s == 0:
-                self.finished0 += 1
         else:
             self.mem[d] -= (1.0 - self.costs.b_releases) * frac
         self.t[d] = end

@@ -74,7 +74,7 @@ def interleaved(request: ScheduleRequest) -> Schedule:
     p, m, v = request.pp, request.microbatches, request.vpp
     group = int(request.options.get("microbatch_group_size", p))
     check_interleaved(p, v, m, group)
-    assert v is not None
-    ranks = tuple(tuple(interleaved_order(p, r, m, v, group)) for r in range(p))
-    return Schedule(Placement.interleaved(p, v), ranks, m, name="interleaved",
+    chunks = int(v)  # checked above: at least 2
+    ranks = tuple(tuple(interleaved_order(p, r, m, chunks, group)) for r in range(p))
+    return Schedule(Placement.interleaved(p, chunks), ranks, m, name="interleaved",
                     meta={"microbatch_group_size": group})

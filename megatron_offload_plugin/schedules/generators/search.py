@@ -79,7 +79,8 @@ def makespan_lower_bound(placement: Placement, costs: CostModel, microbatches: i
         start = 0.0
         for s in range(first):
             r, c = placement.locate(s)
-            start += costs.duration(placement, r, Action(c, Kind.F, 0)) + (costs.comm if r != placement.locate(s + 1)[0] else 0.0)
+            start += costs.duration(placement, r, Action(c, Kind.F, 0))
+            start += costs.comm if r != placement.locate(s + 1)[0] else 0.0
         work = sum(costs.duration(placement, d, Action(c, k, 0)) for c in range(placement.chunks)
                    for k in (Kind.F, Kind.B, Kind.W)) * microbatches
         best = max(best, start + work)

@@ -58,7 +58,8 @@ def v_rounds_schedule(pp: int, microbatches: int, costs: CostModel, memory_limit
         if approved is not None and not run.max_bubble < max(approved) - _EPS:
             break
         approved = list(run.bubble)
-    assert best is not None
+    if best is None:
+        raise Infeasible("no round-based V schedule was built")
     return Schedule(best.pl, tuple(tuple(o) for o in best.orders), microbatches, name=name)
 
 
@@ -77,8 +78,8 @@ class _VRounds:
         self.end: dict[tuple[Kind, int, int, int], float] = {}  # (kind, chunk, device, mb)
         self.pending_w: list[deque[tuple[int, int]]] = [deque() for _ in range(p)]
         self.orders: list[list[Action]] = [[] for _ in range(p)]
-        self.work = [m * sum(costs.duration(self.pl, d, Action(c, k, 0)) for c in (0, 1) for k in (Kind.F, Kind.B, Kind.W))
-                     for d in range(p)]
+        self.work = [m * sum(costs.duration(self.pl, d, Action(c, k, 0))
+                             for c in (0, 1) for k in (Kind.F, Kind.B, Kind.W)) for d in range(p)]
 
     # -- the dependency of the next (kind, chunk) on device d --------------------------------------
     def _dep(self, d: int, kind: Kind, chunk: int, mb: int) -> tuple[Kind, int, int, int] | None:
@@ -172,7 +173,8 @@ class _VRounds:
         for d in reversed(range(p)):
             if d < p - 1:
                 arrival = self._ready(d, Kind.F, 1)
-                assert arrival is not None
+                if arrival is None:
+                    raise Infeasible(f"device {d}: the turn's forward is not placed")
                 f_cost = self.costs.duration(self.pl, d, Action(0, Kind.F, 0))
                 while (self.mem[d] + self._frac(d, 0) * (2 + 2 * d) <= self.limit + _EPS
                        and self.t[d] + f_cost <= arrival + _EPS and self.count[d][(Kind.F, 0)] < m):
