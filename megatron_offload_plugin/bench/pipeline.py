@@ -17,11 +17,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..integrations.megatron.data import ByteTokenizer, TokenStreamBatches, embedded_corpus_tokens, padded_vocab_size
-from ..integrations.megatron.model import build_model, initialize_model_parallel
 from ..integrations.megatron.recipe import GPTRecipe
-from ..integrations.megatron.training import Trainer
-from ..testing.equivalence import global_parameter_name, set_layout_independent_weights
+from ..testing.equivalence import build_gpt_trainer, global_main_grads
 
 # Schedule name -> (plugin pipeline_schedule, model chunks per rank).  'megatron' and
 # 'interleaved-megatron' are Megatron-core's own functions.
@@ -52,19 +49,12 @@ def _recipe(args: dict[str, Any], chunks: int) -> GPTRecipe:
 
 
 def _run_one(recipe: GPTRecipe, iterations: int) -> dict[str, Any]:
-    initialize_model_parallel(recipe)
-    vocab = padded_vocab_size(ByteTokenizer.vocab_size, recipe.make_vocab_size_divisible_by, 1)
-    data = TokenStreamBatches(embedded_corpus_tokens(), recipe.seq_length, vocab)
-    bundle = build_model(recipe, vocab)
-    set_layout_independent_weights(bundle.chunks, recipe.seed)
-    trainer = Trainer(recipe, bundle, data, activation_memory="auto")
+    _, trainer = build_gpt_trainer(recipe, activation_memory="auto", layout_independent=True)
     grads: dict[str, torch.Tensor] = {}
 
     def collect(b: Any) -> None:
-        if not grads:
-            for chunk in b.chunks:
-                for name, p in chunk.named_parameters():
-                    grads[global_parameter_name(chunk, name)] = p.main_grad.detach().clone()
+        if not grads:  # the first iteration's gradients
+            grads.update(global_main_grads(b))
 
     results = [trainer.train_step(i, inspect=collect) for i in range(iterations)]
     from megatron.core import parallel_state

@@ -30,6 +30,32 @@ class RunCapture:
     peak_activation_bytes: int = 0
 
 
+def build_gpt_trainer(
+    recipe: GPTRecipe, *, activation_memory: str = "saved-tensors", layout_independent: bool = False
+) -> tuple[Any, Trainer]:
+    """Megatron groups, the embedded corpus, the model chunks and a Trainer for ``recipe``.
+
+    ``layout_independent``: weights set from each parameter's global name, so any pipeline
+    layout of the same recipe computes the same function (see set_layout_independent_weights).
+    """
+    initialize_model_parallel(recipe)
+    vocab = padded_vocab_size(ByteTokenizer.vocab_size, recipe.make_vocab_size_divisible_by, recipe.tensor_model_parallel_size)
+    data = TokenStreamBatches(embedded_corpus_tokens(), recipe.seq_length, vocab)
+    bundle = build_model(recipe, vocab)
+    if layout_independent:
+        set_layout_independent_weights(bundle.chunks, recipe.seed)
+    return bundle, Trainer(recipe, bundle, data, activation_memory=activation_memory)
+
+
+def global_main_grads(bundle: Any) -> dict[str, torch.Tensor]:
+    """Every local parameter's ``main_grad`` keyed by its layout-independent name."""
+    return {
+        global_parameter_name(chunk, name): p.main_grad.detach().clone()
+        for chunk in bundle.chunks
+        for name, p in chunk.named_parameters()
+    }
+
+
 def capture_training(
     recipe: GPTRecipe, iterations: int, plugin_config: Mapping[str, Any] | None
 ) -> RunCapture:
@@ -37,11 +63,7 @@ def capture_training(
     if plugin_config is not None:
         plugin_api.apply(plugin_config)
     try:
-        initialize_model_parallel(recipe)
-        vocab = padded_vocab_size(ByteTokenizer.vocab_size, recipe.make_vocab_size_divisible_by, recipe.tensor_model_parallel_size)
-        data = TokenStreamBatches(embedded_corpus_tokens(), recipe.seq_length, vocab)
-        bundle = build_model(recipe, vocab)
-        trainer = Trainer(recipe, bundle, data, activation_memory="saved-tensors")
+        bundle, trainer = build_gpt_trainer(recipe)
         capture = RunCapture()
         for it in range(iterations):
             result = trainer.train_step(it, inspect=lambda b: capture.grads.append(b.main_grads()))
@@ -147,20 +169,9 @@ def layout_gradients_worker(rank: int, world_size: int, recipe_kwargs: dict[str,
     """One iteration of Megatron's own schedule; returns global-name -> gradient (run_distributed target)."""
     recipe = GPTRecipe(**recipe_kwargs)
     recipe.validate(world_size)
-    initialize_model_parallel(recipe)
-    vocab = padded_vocab_size(ByteTokenizer.vocab_size, recipe.make_vocab_size_divisible_by, 1)
-    data = TokenStreamBatches(embedded_corpus_tokens(), recipe.seq_length, vocab)
-    bundle = build_model(recipe, vocab)
-    set_layout_independent_weights(bundle.chunks, recipe.seed)
-    trainer = Trainer(recipe, bundle, data, activation_memory="off")
+    _, trainer = build_gpt_trainer(recipe, activation_memory="off", layout_independent=True)
     grads: dict[str, torch.Tensor] = {}
-
-    def collect(b: Any) -> None:
-        for chunk in b.chunks:
-            for name, p in chunk.named_parameters():
-                grads[global_parameter_name(chunk, name)] = p.main_grad.detach().clone()
-
-    result = trainer.train_step(0, inspect=collect)
+    result = trainer.train_step(0, inspect=lambda b: grads.update(global_main_grads(b)))
     from megatron.core import parallel_state
 
     return {"loss": result.loss, "grads": grads, "dp_rank": parallel_state.get_data_parallel_rank()}
