@@ -79,6 +79,8 @@ def test_flag_list_is_pinned():
         "--offload-plugin-config",
         "--pipeline-schedule",
         "--pipeline-trace",
+        "--pipeline-memory-limit",
+        "--auto-replan-after",
         "--activation-offload",
         "--activation-memory-tracker",
         "--offload-plugin-log-patches",
@@ -91,6 +93,8 @@ def test_file_keys_are_pinned():
     assert [opt.dotted for opt in iter_options()] == [
         "schedule.pipeline_schedule",
         "schedule.pipeline_trace_dir",
+        "schedule.auto_memory_limit",
+        "schedule.auto_replan_after",
         "activation_offload.mode",
         "telemetry.activation_memory",
         "telemetry.log_patches",
@@ -200,7 +204,7 @@ def test_value_errors_can_name_the_flag_instead_of_the_key():
 
 
 def test_section_must_be_a_mapping():
-    assert "'schedule' must be a mapping of options (pipeline_schedule, pipeline_trace_dir), got 'megatron'" in _error(
+    assert "'schedule' must be a mapping of options (pipeline_schedule, pipeline_trace_dir, auto_memory_limit, auto_replan_after), got 'megatron'" in _error(
         {"schedule": "megatron"}
     )
 

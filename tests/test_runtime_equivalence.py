@@ -90,3 +90,25 @@ def test_zb_h1_matches_megatron_over_microbatch_counts_at_pp2(microbatches, tiny
     reports = run_distributed(runtime_equivalence_worker, 2, recipe, True, 0, 2, "zb-h1", timeout_s=300)
     for report in reports:
         assert report["bitwise_equal"], f"m={microbatches} rank {report['rank']}: {report['mismatched']}"
+
+
+def test_auto_replans_from_measured_costs_and_keeps_megatrons_gradients(tiny_gpt):
+    """'auto' plans from equal costs, measures F/B/W in the first iteration, plans again (the
+    same plan on every rank, since every rank sees the same gathered timeline), and computes
+    Megatron 1F1B's gradients, with one chunk per rank and with the V placement."""
+    from megatron_offload_plugin.testing.equivalence import auto_replan_worker, layout_gradients_worker
+
+    base = dict(tiny_gpt, num_layers=8, hidden_dropout=0.0, attention_dropout=0.0, micro_batch_size=1,
+                global_batch_size=8, untie_embeddings_and_output_weights=True, pipeline_model_parallel_size=4)
+    reference = run_distributed(layout_gradients_worker, 4, base, timeout_s=300)
+    ref_grads = {k: v for r in reference for k, v in r["grads"].items()}
+    for layers_per_chunk in (None, 1):
+        got = run_distributed(auto_replan_worker, 4, dict(base, num_layers_per_virtual_pipeline_stage=layers_per_chunk),
+                              timeout_s=300)
+        assert {r["version"] for r in got} == {1} and len({r["chosen"] for r in got}) == 1
+        assert len({r["costs"] for r in got}) == 1 and all(c > 0 for c in got[0]["costs"])
+        got_grads = {k: v for r in got for k, v in r["grads"].items()}
+        for name, ref in ref_grads.items():
+            rel = ((got_grads[name] - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+            assert rel <= 1e-6, f"auto ({layers_per_chunk}): {name} differs by {rel:.2e}"
+        assert got[0]["loss"] == reference[-1]["loss"] and got[0]["second_loss"] is not None

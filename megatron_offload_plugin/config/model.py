@@ -35,7 +35,9 @@ class _FrozenModel(BaseModel):
 class ScheduleConfig(_FrozenModel):
     """Which pipeline schedule runs the microbatches."""
 
-    pipeline_schedule: Literal["megatron", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "v-half", "v-min"] = Field(
+    pipeline_schedule: Literal[
+        "megatron", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "v-half", "v-min", "auto"
+    ] = Field(
         "megatron",
         description=(
             "Pipeline schedule. 'megatron': Megatron-core's own 1F1B / interleaved functions, "
@@ -43,7 +45,9 @@ class ScheduleConfig(_FrozenModel):
             "baselines), 'zb-h1' (zero bubble at 1F1B memory) and 'zb-h2' (zero bubble, 2p-1 "
             "activations), and the V-shaped 'zb-v' (peak p), 'v-half' (about p/2+1) and 'v-min' "
             "(about p/3+1), which split each linear's backward into input (B) and weight (W) "
-            "gradients. V schedules need two model chunks per rank and untied embeddings."
+            "gradients. V schedules need two model chunks per rank and untied embeddings. 'auto' "
+            "searches the fastest of these shapes for the measured costs within "
+            "--pipeline-memory-limit (one chunk per rank, or V with two)."
         ),
         json_schema_extra={"flag": "--pipeline-schedule"},
     )
@@ -54,6 +58,24 @@ class ScheduleConfig(_FrozenModel):
             "trace (open in Perfetto) into this folder, one file per iteration."
         ),
         json_schema_extra={"flag": "--pipeline-trace"},
+    )
+    auto_memory_limit: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "'auto': activation memory allowed per device, in units of one microbatch's activations "
+            "through one device's layers (unset: the pipeline size, 1F1B's peak)."
+        ),
+        json_schema_extra={"flag": "--pipeline-memory-limit"},
+    )
+    auto_replan_after: int = Field(
+        2,
+        ge=0,
+        description=(
+            "'auto': profiled iterations after which the schedule is planned again from the measured "
+            "F, B and W times (0: keep the plan made from equal costs)."
+        ),
+        json_schema_extra={"flag": "--auto-replan-after"},
     )
 
 

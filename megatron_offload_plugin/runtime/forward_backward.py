@@ -144,4 +144,5 @@ def make_forward_backward_func(
         return result
 
     forward_backward.__name__ = f"forward_backward_{name.replace('-', '_')}"
+    forward_backward.programs_for = programs_for  # type: ignore[attr-defined]  # auto re-plans by clearing it
     return forward_backward

@@ -13,19 +13,68 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..config import PluginConfig
-from ..schedules.ir import Kind
+from ..schedules.ir import Action, Kind
 from .executor import Step
 from .forward_backward import make_forward_backward_func
 from .trace import TraceRecorder
 from .wgrad import WeightGradStore
 
 # Names accepted by --pipeline-schedule that the runtime can execute.
-RUNTIME_SCHEDULES = ("1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "v-half", "v-min")
+RUNTIME_SCHEDULES = ("1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "v-half", "v-min", "auto")
 V_SCHEDULES = ("zb-v", "v-half", "v-min")
-SIMULATE_ONLY = ("auto",)
 _SPLITS_WEIGHT_GRADIENTS = {
     "1f1b": False, "interleaved": False, "zb-h1": True, "zb-h2": True, "zb-v": True, "v-half": True, "v-min": True,
+    "auto": True,
 }
+
+
+class AutoPlanner:
+    """``auto``: plan from equal costs, then again from the costs measured in the first runs.
+
+    Every pipeline rank receives the same gathered timeline, so every rank computes the
+    same costs and therefore the same schedule.  Costs are per microbatch through one
+    device's full share of layers (a V chunk's measured time counts twice); communication
+    is taken as 0 (waits are not separated from transfer times).
+    """
+
+    def __init__(self, memory_limit: float | None, replan_after: int) -> None:
+        from ..schedules.costs import CostModel
+
+        self.costs = CostModel()
+        self.memory_limit = memory_limit
+        self.replan_after = replan_after
+        self.iterations = 0
+        self.version = 0
+        self.chosen: str | None = None
+
+    def programs(self, pp: int, chunks: int, microbatches: int) -> tuple[Any, dict[int, list[Step]]]:
+        from ..schedules.generators import generate
+
+        if chunks not in (1, 2):
+            raise ValueError(
+                f"--pipeline-schedule auto plans one model chunk per rank or the V placement with two; "
+                f"the model has {chunks} chunks per rank"
+            )
+        schedule = generate("auto", pp, microbatches, vpp=chunks, costs=self.costs, memory_limit=self.memory_limit)
+        self.chosen = schedule.meta.get("chosen")
+        return schedule.placement, {r: [a for a in schedule.ranks[r] if a.is_compute] for r in range(pp)}
+
+    def observe(self, events: list[Any], chunks: int) -> bool:
+        """After ``replan_after`` iterations, set the costs from the measured events; True if replanned."""
+        from dataclasses import replace
+
+        self.iterations += 1
+        if self.replan_after <= 0 or self.iterations != self.replan_after or not events:
+            return False
+        durations: dict[str, list[float]] = {"F": [], "B": [], "W": [], "BW": []}
+        for e in events:
+            durations[Action.parse(e.action).kind.value].append(e.end - e.start)
+        mean = {k: sum(v) / len(v) for k, v in durations.items() if v}
+        if "F" not in mean or not ("B" in mean and "W" in mean):
+            return False
+        self.costs = replace(self.costs, f=mean["F"] * chunks, b=mean["B"] * chunks, w=mean["W"] * chunks, comm=0.0)
+        self.version += 1
+        return True
 
 
 def schedule_programs(name: str, pp: int, chunks: int, microbatches: int) -> tuple[Any, dict[int, list[Step]]]:
@@ -65,6 +114,7 @@ class PluginRuntime:
     forward_backward: Callable[..., Any]
     splits_weight_gradients: bool = False
     v_placement: bool = False
+    planner: AutoPlanner | None = None
 
 
 def build_runtime(config: PluginConfig) -> PluginRuntime | None:
@@ -80,15 +130,32 @@ def build_runtime(config: PluginConfig) -> PluginRuntime | None:
         )
     store = WeightGradStore()
     recorder = TraceRecorder(config.schedule.pipeline_trace_dir)
+    planner = AutoPlanner(config.schedule.auto_memory_limit, config.schedule.auto_replan_after) if name == "auto" else None
 
     def source(pp: int, chunks: int, microbatches: int) -> tuple[Any, dict[int, list[Step]]]:
+        if planner is not None:
+            return planner.programs(pp, chunks, microbatches)
         return schedule_programs(name, pp, chunks, microbatches)
 
+    sink: Callable[[Any], None] = recorder
+    func_box: list[Any] = []
+    if planner is not None:
+
+        def sink(trace: Any) -> None:
+            recorder(trace)
+            chunks = 1 + max((Action.parse(e.action).chunk for e in recorder.last_events), default=0)
+            if planner.observe(recorder.last_events, chunks):
+                func_box[0].programs_for.cache_clear()  # plan again with the measured costs
+
     func = make_forward_backward_func(
-        name, source, store, trace_sink=recorder, splits_weight_gradients=_SPLITS_WEIGHT_GRADIENTS[name]
+        name, source, store, trace_sink=sink, splits_weight_gradients=_SPLITS_WEIGHT_GRADIENTS[name]
     )
+    func_box.append(func)
     return PluginRuntime(
         name=name, store=store, recorder=recorder, forward_backward=func,
         splits_weight_gradients=_SPLITS_WEIGHT_GRADIENTS[name],
-        v_placement=name in V_SCHEDULES,
+        # auto may choose the V placement for a two-chunk model; the V patches only act
+        # when two virtual stages are configured, so they are harmless for one chunk.
+        v_placement=name in V_SCHEDULES or name == "auto",
+        planner=planner,
     )

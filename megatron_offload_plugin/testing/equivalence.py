@@ -238,3 +238,22 @@ def schedule_gradients_worker(
         return layout_gradients_worker(rank, world_size, recipe_kwargs)
     finally:
         plugin_api.revert()
+
+
+def auto_replan_worker(rank: int, world_size: int, recipe_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """'auto' planned from equal costs, re-planned after one measured iteration; returns the
+    first iteration's gradients by global name and what the planner did (run_distributed target)."""
+    plugin_api.apply({"schedule": {"pipeline_schedule": "auto", "auto_replan_after": 1},
+                      "telemetry": {"log_patches": False}})
+    try:
+        recipe = GPTRecipe(**recipe_kwargs)
+        recipe.validate(world_size)
+        _, trainer = build_gpt_trainer(recipe, activation_memory="off", layout_independent=True)
+        grads: dict[str, torch.Tensor] = {}
+        first = trainer.train_step(0, inspect=lambda b: grads.update(global_main_grads(b)))
+        second = trainer.train_step(1)  # runs the re-planned schedule
+        planner = plugin_api.active_runtime().planner
+        return {"loss": first.loss, "second_loss": second.loss, "grads": grads, "version": planner.version,
+                "chosen": planner.chosen, "costs": (planner.costs.f, planner.costs.b, planner.costs.w)}
+    finally:
+        plugin_api.revert()
