@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from ..integrations.megatron.recipe import GPTRecipe
+from ..runtime.plugin_runtime import V_SCHEDULES
 from ..testing.equivalence import build_gpt_trainer, global_main_grads
 
 # Schedule name -> (plugin pipeline_schedule, model chunks per rank).  'megatron' and
@@ -33,7 +34,6 @@ SCHEDULES: dict[str, tuple[str, int]] = {
     "v-half": ("v-half", 2),
     "v-min": ("v-min", 2),
 }
-_V_SCHEDULES = {"zb-v", "v-half", "v-min"}
 
 
 def _recipe(args: dict[str, Any], chunks: int) -> GPTRecipe:
@@ -79,7 +79,7 @@ def bench_worker(rank: int, world_size: int, args: dict[str, Any]) -> list[dict[
         recipe = _recipe(args, chunks)
         recipe.validate(world_size)
         # V layouts compute the same function as Megatron's 1F1B (weights set by global name).
-        reference_name = "interleaved-megatron" if chunks > 1 and name not in _V_SCHEDULES else "megatron"
+        reference_name = "interleaved-megatron" if chunks > 1 and name not in V_SCHEDULES else "megatron"
         plugin_api.apply({"schedule": {"pipeline_schedule": plugin_schedule}, "telemetry": {"log_patches": False}})
         try:
             run = _run_one(recipe, args["iterations"])

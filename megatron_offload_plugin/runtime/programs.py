@@ -1,10 +1,10 @@
-"""Megatron's own 1F1B order as runtime programs: the reference the runtime is checked against.
+"""Reference programs the runtime is checked against.
 
-``one_f_one_b`` reproduces ``forward_backward_pipelining_without_interleaving``
-(warm-up ``p - rank - 1`` forwards, then one forward one backward, then the
-cool-down backwards).  With ``split=True`` each backward becomes B, and W runs
+``one_f_one_b_programs`` takes the registered ``1f1b`` schedule (Megatron's own
+1F1B order) and, with ``split=True``, turns each backward into B with its W
 ``w_delay`` backwards later (0: right after its B): the same arithmetic in the
 same order, so a run must match Megatron's schedule bit for bit.
+``all_forward_all_backward`` (GPipe order) exercises multi-chunk routing.
 """
 
 from __future__ import annotations
@@ -14,30 +14,32 @@ from ..schedules.ir import Action, Kind, Placement
 Step = Action
 
 
-def one_f_one_b(pp: int, rank: int, microbatches: int, *, split: bool = False, w_delay: int = 0) -> list[Step]:
-    warmup = min(pp - rank - 1, microbatches)
-    program: list[Step] = [Action(0, Kind.F, m) for m in range(warmup)]
-    next_f, pending_w = warmup, []
-    for b in range(microbatches):
-        if next_f < microbatches:
-            program.append(Action(0, Kind.F, next_f))
-            next_f += 1
-        if not split:
-            program.append(Action(0, Kind.BW, b))
+def delay_weight_gradients(row: list[Step], w_delay: int) -> list[Step]:
+    """Each BW becomes B, and its W runs after ``w_delay`` further backwards (in order)."""
+    out: list[Step] = []
+    pending: list[Step] = []
+    for a in row:
+        if a.kind is not Kind.BW:
+            out.append(a)
             continue
-        program.append(Action(0, Kind.B, b))
-        pending_w.append(b)
-        if len(pending_w) > w_delay:
-            program.append(Action(0, Kind.W, pending_w.pop(0)))
-    program += [Action(0, Kind.W, w) for w in pending_w]
-    return program
+        out.append(Action(a.chunk, Kind.B, a.microbatch))
+        pending.append(Action(a.chunk, Kind.W, a.microbatch))
+        if len(pending) > w_delay:
+            out.append(pending.pop(0))
+    return out + pending
 
 
 def one_f_one_b_programs(pp: int, chunks: int, microbatches: int, *, split: bool = False, w_delay: int = 0
                          ) -> tuple[Placement, dict[int, list[Step]]]:
+    from ..schedules.generators import generate
+
     if chunks != 1:
         raise ValueError(f"1F1B runs one model chunk per rank; got {chunks} (use the interleaved schedule)")
-    return Placement.single(pp), {r: one_f_one_b(pp, r, microbatches, split=split, w_delay=w_delay) for r in range(pp)}
+    schedule = generate("1f1b", pp, microbatches)
+    rows = {r: list(schedule.ranks[r]) for r in range(pp)}
+    if split:
+        rows = {r: delay_weight_gradients(row, w_delay) for r, row in rows.items()}
+    return schedule.placement, rows
 
 
 def all_forward_all_backward(placement: Placement, rank: int, microbatches: int, *, split: bool = False

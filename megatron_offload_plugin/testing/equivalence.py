@@ -189,8 +189,15 @@ def runtime_equivalence_worker(
     match whether the schedule has W actions."""
     import functools
 
-    from ..patches import PatchSet
-    from ..patches.megatron_core import wgrad_split_patch
+    from ..config import PluginConfig
+    from ..patches import Patch, PatchSet
+    from ..patches.megatron_core import (
+        GET_FORWARD_BACKWARD_FUNC,
+        SCHEDULE_DISPATCH,
+        SUPPORTED_MEGATRON_CORE,
+        make_schedule_dispatcher,
+        wgrad_split_patch,
+    )
     from ..runtime.forward_backward import make_forward_backward_func
     from ..runtime.programs import all_forward_all_backward_programs, one_f_one_b_programs
     from ..runtime.wgrad import WeightGradStore
@@ -200,10 +207,6 @@ def runtime_equivalence_worker(
     reference = capture_training(recipe, iterations, plugin_config=None)
 
     store = WeightGradStore()
-    patches = PatchSet(log=False)
-    patches.apply([wgrad_split_patch(store)])
-    import megatron.core.pipeline_parallel as pp_pkg
-
     if program == "1f1b-order":
         source = functools.partial(one_f_one_b_programs, split=split, w_delay=w_delay)
     elif program == "gpipe":
@@ -213,12 +216,18 @@ def runtime_equivalence_worker(
 
         source = functools.partial(schedule_programs, program)
     runtime_func = make_forward_backward_func(f"test-{program}", source, store)
-    original = pp_pkg.get_forward_backward_func
-    pp_pkg.get_forward_backward_func = lambda *a, **k: runtime_func
+    # The same two patches apply() installs for a split schedule, through the same registry.
+    dispatch = Patch(
+        name=SCHEDULE_DISPATCH, target=GET_FORWARD_BACKWARD_FUNC,
+        make_replacement=make_schedule_dispatcher(PluginConfig(), runtime_func),
+        versions=SUPPORTED_MEGATRON_CORE, reason=f"test program {program}",
+        extra_sites=("megatron.core.pipeline_parallel:get_forward_backward_func",),
+    )
+    patches = PatchSet(log=False)
+    patches.apply([wgrad_split_patch(store), dispatch])
     try:
         candidate = capture_training(recipe, iterations, plugin_config=None)
     finally:
-        pp_pkg.get_forward_backward_func = original
         patches.revert()
     report = compare_captures(candidate, reference)
     report["rank"] = rank
