@@ -13,7 +13,13 @@ SEND_F                the F of stage ``s`` on this rank
 SEND_B                the B or BW of stage ``s`` on this rank
 RECV_F                the SEND_F of stage ``s - 1`` on the rank holding it
 RECV_B                the SEND_B of stage ``s + 1`` on the rank holding it
+OFFLOAD               the F of stage ``s`` on this rank
+RELOAD                the OFFLOAD of stage ``s`` on this rank
 ====================  ==================================================================
+
+An offloaded unit's B (or BW) must also come after its RELOAD; that need exists
+only when the unit is offloaded, which the action alone does not tell, so
+:func:`offload_requirement` states it and the validator and simulator add it.
 
 In a compute-only schedule a need on another rank is met directly by that
 rank's compute action (the message is implicit).  In a lowered schedule
@@ -92,6 +98,10 @@ def requirements(placement: Placement, rank: int, action: Action, *, lowered: bo
         return (here(_F),)
     if kind is Kind.SEND_B:
         return (here(INPUT_GRAD_KINDS),)
+    if kind is Kind.OFFLOAD:
+        return (here(_F),)
+    if kind is Kind.RELOAD:
+        return (here(frozenset({Kind.OFFLOAD})),)
     if kind is Kind.RECV_F:
         if first:
             return ()
@@ -103,3 +113,10 @@ def requirements(placement: Placement, rank: int, action: Action, *, lowered: bo
         other_rank, other_chunk = placement.locate(stage + 1)
         return (Need(other_rank, other_chunk, frozenset({Kind.SEND_B}), mb, other_rank != rank),)
     raise ValueError(f"no dependency rule for kind {kind!r}")
+
+
+def offload_requirement(rank: int, action: Action) -> Need | None:
+    """The extra need of ``action`` when its unit is offloaded: a B or BW needs the unit's RELOAD."""
+    if action.kind in INPUT_GRAD_KINDS:
+        return Need(rank, action.chunk, frozenset({Kind.RELOAD}), action.microbatch, False)
+    return None

@@ -3,7 +3,9 @@
 An :class:`Action` is one step of one pipeline rank: ``kind`` on the rank's
 local model ``chunk`` for ``microbatch``.  Its compact form is
 ``{chunk}{kind}{microbatch}``: ``0F1`` is chunk 0's forward of microbatch 1,
-``1SEND_B0`` sends chunk 1's input gradient of microbatch 0.  The kinds and
+``1SEND_B0`` sends chunk 1's input gradient of microbatch 0, ``0OFFLOAD1`` copies
+chunk 0's saved activations of microbatch 1 to the host and ``0RELOAD1`` brings
+them back.  A (chunk, microbatch) pair on a rank is a *unit*.  The kinds and
 their letters are defined once, in :class:`Kind`; :meth:`Action.parse` accepts
 exactly that form (``re.fullmatch``) and nothing else.
 
@@ -36,6 +38,8 @@ class Kind(str, Enum):
     RECV_F = "RECV_F"  # receive this chunk's forward input from the previous stage
     SEND_B = "SEND_B"  # send this chunk's input gradient to the previous stage
     RECV_B = "RECV_B"  # receive this chunk's output gradient from the next stage
+    OFFLOAD = "OFFLOAD"  # copy the unit's saved activations off the device (after its F)
+    RELOAD = "RELOAD"  # bring them back (ends before the unit's B or BW)
 
     def __str__(self) -> str:
         return self.value
@@ -56,10 +60,14 @@ KIND_DESCRIPTIONS: dict[Kind, str] = {
     Kind.RECV_F: "receive forward input from the previous stage",
     Kind.SEND_B: "send input gradient to the previous stage",
     Kind.RECV_B: "receive output gradient from the next stage",
+    Kind.OFFLOAD: "copy the saved activations of this chunk and microbatch to the host (after its F)",
+    Kind.RELOAD: "copy them back to the device (ends before the B or BW that reads them)",
 }
 
 COMPUTE_KINDS: frozenset[Kind] = frozenset({Kind.F, Kind.B, Kind.W, Kind.BW})
 COMM_KINDS: frozenset[Kind] = frozenset({Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B})
+# Copies between device and host memory; neither compute nor communication between ranks.
+OFFLOAD_KINDS: frozenset[Kind] = frozenset({Kind.OFFLOAD, Kind.RELOAD})
 
 # Longest letters first, so the alternation never stops at a prefix (BW before B).
 _KIND_PATTERN = "|".join(sorted((re.escape(k.value) for k in Kind), key=len, reverse=True))
@@ -97,6 +105,16 @@ class Action(NamedTuple):
     @property
     def is_comm(self) -> bool:
         return self.kind in COMM_KINDS
+
+    @property
+    def is_offload(self) -> bool:
+        """An OFFLOAD or RELOAD: a copy of the unit's saved activations between device and host."""
+        return self.kind in OFFLOAD_KINDS
+
+    @property
+    def unit(self) -> tuple[int, int]:
+        """``(chunk, microbatch)``: the unit whose activations this action makes, moves or frees."""
+        return (self.chunk, self.microbatch)
 
 
 def parse_actions(text: str) -> tuple[Action, ...]:
@@ -262,9 +280,18 @@ class Schedule:
         """True once a pass has added communication actions."""
         return any(a.is_comm for row in self.ranks for a in row)
 
+    @property
+    def has_offload(self) -> bool:
+        """True if any rank moves activations to the host (OFFLOAD/RELOAD actions)."""
+        return any(a.is_offload for row in self.ranks for a in row)
+
     def compute_only(self) -> Schedule:
-        """The same schedule without its communication actions."""
-        return self.replace_ranks([a for a in row if a.is_compute] for row in self.ranks)
+        """The same schedule without its communication actions (OFFLOAD/RELOAD are kept)."""
+        return self.replace_ranks([a for a in row if not a.is_comm] for row in self.ranks)
+
+    def without_offload(self) -> Schedule:
+        """The same schedule without its OFFLOAD/RELOAD actions."""
+        return self.replace_ranks([a for a in row if not a.is_offload] for row in self.ranks)
 
     def __iter__(self) -> Iterator[tuple[Action, ...]]:
         return iter(self.ranks)

@@ -7,7 +7,10 @@
 2. completeness: every (stage, microbatch) has exactly one F and either one BW
    or one B and one W; a lowered schedule sends every message it receives and
    receives every message it sends;
-3. dependencies and deadlock freedom: running every rank in its own order,
+3. activation offload: a unit (chunk, microbatch) has at most one OFFLOAD, after
+   its F; it has a RELOAD if and only if it has an OFFLOAD, after the OFFLOAD and
+   before the unit's B (or BW);
+4. dependencies and deadlock freedom: running every rank in its own order,
    with each action waiting for what :func:`.deps.requirements` says must come
    first, reaches the end of every rank.
 
@@ -42,6 +45,7 @@ def validate(schedule: Schedule) -> list[tuple[int, int]]:
     """
     _check_actions(schedule)
     _check_complete(schedule)
+    _check_offload(schedule)
     order = execution_order(schedule)
     object.__setattr__(schedule, "_validated", True)  # schedules are immutable: once is enough
     return order
@@ -93,6 +97,45 @@ def _check_complete(schedule: Schedule) -> None:
                             )
     if schedule.is_lowered:
         _check_messages(schedule)
+
+
+def _check_offload(schedule: Schedule) -> None:
+    """OFFLOAD after F, RELOAD iff OFFLOAD, after it and before the unit's B/BW (positions on the rank)."""
+    for rank, row in enumerate(schedule.ranks):
+        if not any(a.is_offload for a in row):
+            continue
+        step_of = {a: step for step, a in enumerate(row)}
+        for step, a in enumerate(row):
+            if not a.is_offload:
+                continue
+            chunk, mb = a.unit
+            f = step_of.get(Action(chunk, Kind.F, mb), len(row))
+            offload = step_of.get(Action(chunk, Kind.OFFLOAD, mb))
+            reload = step_of.get(Action(chunk, Kind.RELOAD, mb))
+            backward = min(step_of.get(Action(chunk, k, mb), len(row)) for k in (Kind.B, Kind.BW))
+            b_name = repr(row[backward]) if backward < len(row) else "its B"
+            if a.kind is Kind.OFFLOAD:
+                if step < f:
+                    raise ScheduleError(schedule, rank, step,
+                                        f"{a!r} comes before {Action(chunk, Kind.F, mb)!r}: an OFFLOAD copies the "
+                                        "activations its F saved, so it must follow that F")
+                if reload is None:
+                    raise ScheduleError(schedule, rank, step,
+                                        f"{a!r} has no {Action(chunk, Kind.RELOAD, mb)!r}: an offloaded unit needs "
+                                        f"a RELOAD before {b_name}")
+            else:
+                if offload is None:
+                    raise ScheduleError(schedule, rank, step,
+                                        f"{a!r} has no {Action(chunk, Kind.OFFLOAD, mb)!r}: a RELOAD brings back "
+                                        "what an OFFLOAD moved, so it needs one earlier on the rank")
+                if step < offload:
+                    raise ScheduleError(schedule, rank, step,
+                                        f"{a!r} comes before {Action(chunk, Kind.OFFLOAD, mb)!r}: it must follow "
+                                        "the OFFLOAD it undoes")
+                if step > backward:
+                    raise ScheduleError(schedule, rank, step,
+                                        f"{a!r} comes after {b_name}, which reads the reloaded activations: "
+                                        "the RELOAD must come before the unit's B (or BW)")
 
 
 def _check_messages(schedule: Schedule) -> None:
