@@ -1,0 +1,408 @@
+"""The NVMe tier: a private per-run swap folder and async tensor I/O on DeepSpeed's aio kernels.
+
+Two small classes, each owning one resource:
+
+* :class:`SwapFolder` -- a fresh folder under a user-given base path, mode 0700,
+  whose files are created 0600 with ``O_EXCL | O_NOFOLLOW`` (an existing file or a
+  symlink is never opened) and which is removed at :meth:`SwapFolder.close` and,
+  failing that, at interpreter exit.
+* :class:`AioSwapper` -- one ``aio_handle`` (``deepspeed.ops.aio``) writing and
+  reading CPU tensors by key: :meth:`~AioSwapper.write` / :meth:`~AioSwapper.read`
+  queue the transfer, :meth:`~AioSwapper.wait` completes everything pending and
+  raises :class:`NvmeIOError` (path and byte size in the message) for any failure.
+
+Guards against the handle's sharp edges (DeepSpeed 0.19.8):
+
+* a write whose byte size is not a multiple of 512 silently loses its tail: every
+  transfer goes through a page-aligned bounce buffer padded to :data:`ALIGNMENT`;
+* ``wait()`` with nothing pending, or a read past the end of the file, abort the
+  whole process (a C ``assert``): ``wait`` is only called with transfers queued,
+  and a read is only queued after checking the file holds the padded size;
+* a submit that fails (missing folder, bad size) returns -1 without an exception:
+  it is raised here at once, naming the path and the size;
+* a full disk: free space is checked before queueing, and every completed write is
+  checked against the file's size.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import stat
+import tempfile
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: Every transfer is padded to a multiple of this many bytes (O_DIRECT and aio's silent tail loss).
+ALIGNMENT = 512
+
+#: ``aio_handle`` defaults, in DeepSpeed's own ``"aio"`` section spelling (DeepSpeed's defaults).
+AIO_DEFAULTS: dict[str, Any] = {
+    "block_size": 1048576,
+    "queue_depth": 8,
+    "intra_op_parallelism": 1,
+    "single_submit": False,
+    "overlap_events": True,
+}
+#: Keys of DeepSpeed's ``"aio"`` section this tier accepts (``thread_count`` is the older name of
+#: ``intra_op_parallelism``; ``use_gds`` is accepted and must be false: GPUDirect is not used here).
+AIO_KEYS = (*AIO_DEFAULTS, "thread_count", "use_gds")
+
+_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
+_NO_AIO_HINT = ("install the Debian/Ubuntu package 'libaio-dev' (apt-get install libaio-dev) so DeepSpeed can "
+                "build its async I/O op, or set device='cpu'")
+
+
+class NvmeIOError(OSError):
+    """An NVMe transfer failed; the message names the file and the byte size."""
+
+
+class AioUnavailableError(RuntimeError):
+    """DeepSpeed's async I/O op cannot be built or loaded on this machine."""
+
+
+def padded(nbytes: int) -> int:
+    """``nbytes`` rounded up to a multiple of :data:`ALIGNMENT` (at least one block)."""
+    return max(ALIGNMENT, -(-nbytes // ALIGNMENT) * ALIGNMENT)
+
+
+# ------------------------------------------------------------------ aio op
+
+
+def aio_available() -> tuple[bool, str]:
+    """Whether DeepSpeed's aio op can be used here, and why not (empty reason when it can).
+
+    Does not build the op (that takes minutes the first time): it checks libaio
+    is present the way DeepSpeed's builder does, or that a built op is importable.
+    """
+    try:
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+    except Exception as err:  # deepspeed missing or broken
+        return False, f"deepspeed.ops.op_builder is not importable ({err}); install deepspeed"
+    builder = AsyncIOBuilder()
+    try:
+        if builder.is_compatible(verbose=False):
+            return True, ""
+    except Exception as err:
+        return False, f"DeepSpeed's AsyncIOBuilder check failed ({err}); {_NO_AIO_HINT}"
+    return False, f"DeepSpeed's async I/O op needs libaio, which was not found; {_NO_AIO_HINT}"
+
+
+def load_aio_op() -> Any:
+    """DeepSpeed's built aio op module (JIT-built with libaio the first time, then cached by torch)."""
+    ok, why = aio_available()
+    if not ok:
+        raise AioUnavailableError(why)
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    try:
+        return AsyncIOBuilder().load(verbose=False)
+    except Exception as err:
+        raise AioUnavailableError(f"building DeepSpeed's async I/O op failed ({err}); {_NO_AIO_HINT}") from err
+
+
+def aio_handle_kwargs(aio_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``aio_handle`` keyword arguments from a DeepSpeed-style ``"aio"`` section (strict keys)."""
+    cfg = dict(aio_config or {})
+    unknown = sorted(set(cfg) - set(AIO_KEYS))
+    if unknown:
+        from ..config.loading import closest
+
+        hint = closest(unknown[0], list(AIO_KEYS))
+        raise ValueError(f"aio.{unknown[0]}: unknown key" + (f"; did you mean '{hint}'?" if hint else "")
+                         + f" accepted: {', '.join(AIO_KEYS)}")
+    if cfg.pop("use_gds", False):
+        raise ValueError("aio.use_gds=true: GPUDirect storage is not supported by the offload tier; set it to false")
+    if "thread_count" in cfg:
+        if "intra_op_parallelism" in cfg and cfg["intra_op_parallelism"] != cfg["thread_count"]:
+            raise ValueError("aio: both 'thread_count' and 'intra_op_parallelism' given with different values; keep one")
+        cfg["intra_op_parallelism"] = cfg.pop("thread_count")
+    out = {**AIO_DEFAULTS, **cfg}
+    for key in ("block_size", "queue_depth", "intra_op_parallelism"):
+        if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1:
+            raise ValueError(f"aio.{key}={out[key]!r}: expected a positive integer")
+    for key in ("single_submit", "overlap_events"):
+        if not isinstance(out[key], bool):
+            raise ValueError(f"aio.{key}={out[key]!r}: expected true or false")
+    return out
+
+
+# ------------------------------------------------------------------ folder
+
+
+def check_base_path(base: str | os.PathLike[str], option: str = "nvme_path") -> Path:
+    """``base`` as a Path if it is an existing, writable directory; else ``ValueError`` naming it."""
+    path = Path(base)
+    if not path.exists():
+        raise ValueError(f"{option}='{base}': directory does not exist; create it or set device='cpu'")
+    if not path.is_dir():
+        raise ValueError(f"{option}='{base}': not a directory; point it at a directory on the NVMe drive")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{option}='{base}': directory is not writable by this user; "
+                         "fix its permissions or choose another path")
+    return path
+
+
+def _remove_tree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)  # rmtree never follows symlinks into other trees
+
+
+class SwapFolder:
+    """A private per-run folder under ``base``: 0700, files 0600, gone at close and at exit."""
+
+    def __init__(self, base: str | os.PathLike[str], *, option: str = "nvme_path") -> None:
+        root = check_base_path(base, option)
+        try:
+            self.path = Path(tempfile.mkdtemp(prefix=f"mop-swap-{os.getpid()}-", dir=root))  # mode 0700
+        except OSError as err:
+            raise ValueError(f"{option}='{base}': cannot create a swap folder there ({err.strerror})") from err
+        os.chmod(self.path, 0o700, follow_symlinks=False)
+        self._files: dict[str, Path] = {}
+        self._finalizer = weakref.finalize(self, _remove_tree, str(self.path))  # also runs at interpreter exit
+        logger.debug("swap folder %s", self.path)
+
+    def file(self, key: str) -> Path:
+        """The file for ``key`` (created empty, 0600, O_EXCL|O_NOFOLLOW, on first use)."""
+        if self.closed:
+            raise NvmeIOError(errno.EBADF, f"swap folder {self.path} is closed")
+        known = self._files.get(key)
+        if known is not None:
+            return known
+        if not _KEY_RE.fullmatch(key):
+            raise ValueError(f"swap key {key!r}: use letters, digits, '.', '_' and '-' only (no path separators)")
+        path = self.path / key
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as err:
+            raise NvmeIOError(err.errno, f"cannot create swap file {path} ({err.strerror})") from err
+        os.close(fd)
+        self._files[key] = path
+        return path
+
+    def check_file(self, key: str) -> Path:
+        """The existing file for ``key``, refusing anything that is not our regular file (no symlinks)."""
+        path = self._files[key]
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError as err:
+            raise NvmeIOError(errno.ENOENT, f"swap file {path} is gone (removed behind our back)") from err
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            raise NvmeIOError(errno.EPERM, f"swap file {path} was replaced by something else; refusing to use it")
+        return path
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def close(self) -> None:
+        """Remove the folder and everything in it (idempotent)."""
+        self._finalizer()
+
+    def __enter__(self) -> "SwapFolder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SwapFolder({str(self.path)!r}{', closed' if self.closed else ''})"
+
+
+# ------------------------------------------------------------------ swapper
+
+
+@dataclass
+class _Pending:
+    op: str  # "write" | "read"
+    key: str
+    path: Path
+    nbytes: int
+    bounce: torch.Tensor
+    out: torch.Tensor | None = None
+
+
+def _byte_view(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+class AioSwapper:
+    """Async write/read of CPU tensors by key into a :class:`SwapFolder`, through one ``aio_handle``.
+
+    ``write`` copies the tensor into a page-aligned, padded bounce buffer and queues
+    it (the caller may reuse the tensor at once); ``read`` queues a transfer whose
+    bytes land in ``out`` when :meth:`wait` returns.  Nothing is guaranteed on disk
+    or in ``out`` before :meth:`wait`.
+    """
+
+    def __init__(self, folder: SwapFolder, aio_config: Mapping[str, Any] | None = None, *, aio_op: Any = None) -> None:
+        self.folder = folder
+        kwargs = aio_handle_kwargs(aio_config)
+        op = aio_op if aio_op is not None else load_aio_op()
+        self._handle = op.aio_handle(kwargs["block_size"], kwargs["queue_depth"], kwargs["single_submit"],
+                                     kwargs["overlap_events"], kwargs["intra_op_parallelism"])
+        self._quantum = ALIGNMENT * kwargs["intra_op_parallelism"]  # aio refuses sizes not divisible by this
+        self._sizes: dict[str, int] = {}  # key -> logical byte size of the last completed write
+        self._pending: list[_Pending] = []
+        self._free: dict[int, list[torch.Tensor]] = {}  # padded size -> reusable locked bounce buffers
+        self.bytes_written = 0
+        self.bytes_read = 0
+
+    # -- buffers
+    def _padded(self, nbytes: int) -> int:
+        return max(self._quantum, -(-nbytes // self._quantum) * self._quantum)
+
+    def _bounce(self, size: int) -> torch.Tensor:
+        free = self._free.get(size)
+        if free:
+            return free.pop()
+        return self._handle.new_cpu_locked_tensor(size, torch.empty(0, dtype=torch.uint8))
+
+    def _recycle(self, buf: torch.Tensor) -> None:
+        self._free.setdefault(buf.numel(), []).append(buf)
+
+    # -- I/O
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        """Queue writing ``tensor``'s bytes under ``key`` (padded on disk; the tensor may be reused at once)."""
+        self._check_open()
+        if tensor.device.type != "cpu":
+            raise TypeError(f"swap write '{key}': expected a CPU tensor, got one on {tensor.device}")
+        if any(p.key == key for p in self._pending):
+            raise NvmeIOError(errno.EBUSY, f"swap '{key}': a transfer of this key is still pending; call wait() first")
+        nbytes = tensor.numel() * tensor.element_size()
+        size = self._padded(nbytes)
+        path = self.folder.file(key)
+        self.folder.check_file(key)
+        need = size - min(size, self._disk_size(path))
+        free = shutil.disk_usage(self.folder.path).free
+        if need > free:
+            raise NvmeIOError(errno.ENOSPC, f"disk full: writing {size} bytes to {path} needs {need} more bytes, "
+                                            f"{free} free on that file system")
+        bounce = self._bounce(size)
+        if nbytes:
+            bounce[:nbytes].copy_(_byte_view(tensor.contiguous()))
+        bounce[nbytes:].zero_()
+        self._submit(_Pending("write", key, path, nbytes, bounce))
+
+    def read(self, key: str, out: torch.Tensor) -> None:
+        """Queue reading ``key`` into ``out`` (same byte size as written); valid after :meth:`wait`."""
+        self._check_open()
+        if key not in self._sizes:
+            raise KeyError(f"swap read '{key}': nothing was written under this key (or its write was not waited for)")
+        if out.device.type != "cpu" or not out.is_contiguous():
+            raise TypeError(f"swap read '{key}': expected a contiguous CPU tensor to read into")
+        nbytes = out.numel() * out.element_size()
+        if nbytes != self._sizes[key]:
+            raise ValueError(f"swap read '{key}': out has {nbytes} bytes, {self._sizes[key]} were written")
+        size = self._padded(nbytes)
+        path = self.folder.check_file(key)
+        on_disk = self._disk_size(path)
+        if on_disk < size:  # aio would abort the process reading past the end
+            raise NvmeIOError(errno.EIO, f"short swap file {path}: {on_disk} bytes on disk, {size} expected")
+        self._submit(_Pending("read", key, path, nbytes, self._bounce(size), out))
+
+    def _submit(self, p: _Pending) -> None:
+        fn = self._handle.async_pwrite if p.op == "write" else self._handle.async_pread
+        rc = fn(p.bounce, str(p.path), 0)
+        if rc != 0:
+            self._recycle(p.bounce)
+            raise NvmeIOError(errno.EIO, f"aio {p.op} of {p.bounce.numel()} bytes ({p.nbytes} unpadded) "
+                                         f"{'to' if p.op == 'write' else 'from'} {p.path} was refused (returned {rc})")
+        self._pending.append(p)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def wait(self) -> None:
+        """Complete every queued transfer; raise :class:`NvmeIOError` for any that failed (no-op when idle)."""
+        if not self._pending:
+            return  # aio_handle.wait() with nothing pending aborts the process
+        pending, self._pending = self._pending, []
+        done = self._handle.wait()
+        errors: list[str] = []
+        if done != len(pending):
+            errors.append(f"aio completed {done} of {len(pending)} transfers")
+        for p in pending:
+            size = p.bounce.numel()
+            if p.op == "write":
+                on_disk = self._disk_size(p.path)
+                if on_disk < size:
+                    self._sizes.pop(p.key, None)
+                    errors.append(f"write of {size} bytes to {p.path} left {on_disk} bytes (disk full or I/O error)")
+                else:
+                    self._sizes[p.key] = p.nbytes
+                    self.bytes_written += size
+            else:
+                assert p.out is not None
+                if p.nbytes:
+                    _byte_view(p.out).copy_(p.bounce[:p.nbytes])
+                self.bytes_read += size
+            self._recycle(p.bounce)
+        if errors:
+            raise NvmeIOError(errno.EIO, "; ".join(errors))
+
+    @staticmethod
+    def _disk_size(path: Path) -> int:
+        try:
+            return os.lstat(path).st_size
+        except FileNotFoundError:
+            return 0
+
+    def nbytes(self, key: str) -> int:
+        """Logical byte size last written under ``key``."""
+        return self._sizes[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._sizes
+
+    @property
+    def nbytes_on_disk(self) -> int:
+        """Bytes the swap files take (padded sizes)."""
+        return sum(self._padded(n) for n in self._sizes.values())
+
+    def discard(self, key: str) -> None:
+        """Forget ``key`` and delete its file."""
+        self._sizes.pop(key, None)
+        path = self.folder._files.pop(key, None)
+        if path is not None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def _check_open(self) -> None:
+        if self._handle is None:
+            raise NvmeIOError(errno.EBADF, "AioSwapper is closed")
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+    def close(self) -> None:
+        """Wait for pending transfers (errors still raise), then free the bounce buffers (idempotent)."""
+        if self._handle is None:
+            return
+        try:
+            self.wait()
+        finally:
+            for bufs in self._free.values():
+                for buf in bufs:
+                    self._handle.free_cpu_locked_tensor(buf)
+            self._free.clear()
+            self._handle = None
+
+    def __enter__(self) -> "AioSwapper":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

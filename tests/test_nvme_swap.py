@@ -1,0 +1,267 @@
+"""The NVMe tier (offload/nvme.py): private swap folder, padded aio transfers, errors that name path and size."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_offload_plugin.offload import nvme
+from megatron_offload_plugin.offload.nvme import (
+    ALIGNMENT,
+    AioSwapper,
+    AioUnavailableError,
+    NvmeIOError,
+    SwapFolder,
+    aio_available,
+    aio_handle_kwargs,
+)
+
+AIO_OK, AIO_WHY = aio_available()
+needs_aio = pytest.mark.skipif(not AIO_OK, reason=f"DeepSpeed aio unavailable: {AIO_WHY}")
+
+
+@pytest.fixture(scope="module")
+def aio_op():
+    if not AIO_OK:
+        pytest.skip(AIO_WHY)
+    return nvme.load_aio_op()
+
+
+@pytest.fixture
+def swapper(tmp_path, aio_op):
+    with SwapFolder(tmp_path) as folder, AioSwapper(folder, aio_op=aio_op) as sw:
+        yield sw
+
+
+# ------------------------------------------------------------------ folder
+
+
+def test_swap_folder_is_private_and_removed_at_close(tmp_path):
+    folder = SwapFolder(tmp_path)
+    assert folder.path.parent == tmp_path
+    assert stat.S_IMODE(os.stat(folder.path).st_mode) == 0o700
+    f = folder.file("layer0.exp_avg")
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o600
+    folder.close()
+    assert not folder.path.exists()
+    folder.close()  # idempotent
+
+
+def test_swap_folder_removed_at_interpreter_exit(tmp_path):
+    code = ("import sys; from megatron_offload_plugin.offload.nvme import SwapFolder; "
+            "f = SwapFolder(sys.argv[1]); f.file('k'); print(f.path)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    path = Path(out.stdout.strip())
+    assert path.parent == tmp_path and not path.exists()
+
+
+def test_swap_file_never_follows_a_planted_symlink(tmp_path):
+    target = tmp_path / "victim"
+    target.write_text("keep")
+    with SwapFolder(tmp_path) as folder:
+        os.symlink(target, folder.path / "k")
+        with pytest.raises(NvmeIOError, match="cannot create swap file .*k"):
+            folder.file("k")
+    assert target.read_text() == "keep"
+
+
+def test_swap_key_with_path_separator_is_refused(tmp_path):
+    with SwapFolder(tmp_path) as folder, pytest.raises(ValueError, match="swap key '../x'"):
+        folder.file("../x")
+
+
+def test_missing_base_path_error_names_it(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(ValueError, match=f"nvme_path='{missing}': directory does not exist; create it or set device='cpu'"):
+        SwapFolder(missing)
+
+
+def test_base_path_that_is_a_file_is_refused(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("")
+    with pytest.raises(ValueError, match=f"nvme_path='{f}': not a directory"):
+        SwapFolder(f)
+
+
+def test_unwritable_base_path_error_names_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root ignores mode bits, so fake the answer
+    with pytest.raises(ValueError, match=f"nvme_path='{tmp_path}': directory is not writable"):
+        SwapFolder(tmp_path)
+
+
+# ------------------------------------------------------------------ aio config and availability
+
+
+def test_aio_section_unknown_key_names_closest():
+    with pytest.raises(ValueError, match="aio.queue_dept: unknown key; did you mean 'queue_depth'"):
+        aio_handle_kwargs({"queue_dept": 4})
+
+
+def test_aio_section_thread_count_is_intra_op_parallelism():
+    assert aio_handle_kwargs({"thread_count": 2})["intra_op_parallelism"] == 2
+
+
+def test_aio_unbuildable_error_says_install_libaio_or_use_cpu(monkeypatch):
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
+    ok, why = aio_available()
+    assert not ok and "libaio-dev" in why and "device='cpu'" in why
+    with pytest.raises(AioUnavailableError, match="libaio-dev.*device='cpu'"):
+        nvme.load_aio_op()
+
+
+# ------------------------------------------------------------------ transfers
+
+
+@needs_aio
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int64])
+def test_round_trip_is_bitwise_and_files_are_padded(swapper, dtype):
+    sizes = [0, 1, 3, 127, 129, 513, 1000, (1 << 20) // 4 + 1]
+    gen = torch.Generator().manual_seed(0)
+    src = {f"t{n}": (torch.randn(n, generator=gen) * 100).to(dtype) for n in sizes}
+    orig = {k: t.clone() for k, t in src.items()}
+    for key, t in src.items():
+        swapper.write(key, t)
+    for t in src.values():  # writes copy into bounce buffers: the caller may reuse its tensor at once
+        t.fill_(7)
+    swapper.wait()
+    for key, t in src.items():
+        size = os.stat(swapper.folder.file(key)).st_size
+        assert size % ALIGNMENT == 0 and size >= t.numel() * t.element_size()
+    outs = {k: torch.empty_like(t) for k, t in src.items()}
+    for key, out in outs.items():
+        swapper.read(key, out)
+    swapper.wait()
+    for key, t in orig.items():
+        assert torch.equal(outs[key].view(torch.uint8), t.view(torch.uint8)), key
+
+
+@needs_aio
+def test_rewrite_same_key_and_2d_tensor(swapper):
+    a = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    swapper.write("k", a)
+    swapper.wait()
+    swapper.write("k", a * 2)
+    swapper.wait()
+    out = torch.empty(3, 4)
+    swapper.read("k", out)
+    swapper.wait()
+    assert torch.equal(out, a * 2)
+    assert swapper.nbytes_on_disk == ALIGNMENT
+
+
+@needs_aio
+def test_wait_with_nothing_pending_does_not_abort(swapper):
+    swapper.wait()
+    swapper.wait()
+
+
+@needs_aio
+def test_read_of_unknown_key_raises(swapper):
+    with pytest.raises(KeyError, match="nothing was written under this key"):
+        swapper.read("ghost", torch.empty(4))
+
+
+@needs_aio
+def test_read_with_wrong_size_raises(swapper):
+    swapper.write("k", torch.zeros(10))
+    swapper.wait()
+    with pytest.raises(ValueError, match="out has 44 bytes, 40 were written"):
+        swapper.read("k", torch.empty(11))
+
+
+@needs_aio
+def test_short_file_raises_instead_of_aborting(swapper):
+    swapper.write("k", torch.zeros(1000))
+    swapper.wait()
+    path = swapper.folder.file("k")
+    os.truncate(path, 512)
+    with pytest.raises(NvmeIOError, match=f"short swap file {path}: 512 bytes on disk, 4096 expected"):
+        swapper.read("k", torch.empty(1000))
+
+
+@needs_aio
+def test_pending_key_cannot_be_rewritten_before_wait(swapper):
+    swapper.write("k", torch.zeros(4))
+    with pytest.raises(NvmeIOError, match="still pending"):
+        swapper.write("k", torch.zeros(4))
+    swapper.wait()
+
+
+@needs_aio
+def test_disk_full_is_refused_before_queueing(swapper, monkeypatch):
+    monkeypatch.setattr(nvme.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 100))
+    path = swapper.folder.path / "big"
+    with pytest.raises(NvmeIOError, match=f"disk full: writing 4096 bytes to {path} needs 4096 more bytes, 100 free"):
+        swapper.write("big", torch.zeros(1024))
+    assert swapper.pending == 0
+
+
+@needs_aio
+def test_disk_full_mid_write_raises_with_path_and_size(tmp_path, aio_op, monkeypatch):
+    """A real full file system (64 KiB tmpfs), with the free-space pre-check fooled: the write check catches it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        monkeypatch.setattr(nvme.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 0, 1 << 30))
+        with SwapFolder(mnt) as folder, AioSwapper(folder, aio_op=aio_op) as sw:
+            sw.write("a", torch.zeros(40000))
+            with pytest.raises(NvmeIOError, match=r"write of 160256 bytes to .*/a left 65536 bytes \(disk full"):
+                sw.wait()
+            assert "a" not in sw and sw.pending == 0
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+class _RefusingHandle:
+    """An aio_handle whose submits return -1, as DeepSpeed's does for a missing folder."""
+
+    def __init__(self, *args):
+        self.waited = 0
+
+    def new_cpu_locked_tensor(self, n, example):
+        return torch.empty(n, dtype=example.dtype)
+
+    def free_cpu_locked_tensor(self, t):
+        pass
+
+    def async_pwrite(self, buf, path, offset):
+        return -1
+
+    def wait(self):  # pragma: no cover - must never be reached with nothing pending
+        raise AssertionError("wait() called with nothing pending")
+
+
+class _RefusingOp:
+    aio_handle = _RefusingHandle
+
+
+def test_refused_submit_raises_with_path_and_size(tmp_path):
+    with SwapFolder(tmp_path) as folder, AioSwapper(folder, aio_op=_RefusingOp()) as sw:
+        with pytest.raises(NvmeIOError, match=r"aio write of 512 bytes \(12 unpadded\) to .*/k was refused \(returned -1\)"):
+            sw.write("k", torch.zeros(3))
+        assert sw.pending == 0
+        sw.wait()  # nothing pending: a no-op, never the handle's wait
+
+
+@needs_aio
+def test_closed_swapper_refuses_io(tmp_path, aio_op):
+    with SwapFolder(tmp_path) as folder:
+        sw = AioSwapper(folder, aio_op=aio_op)
+        sw.write("k", torch.ones(3))
+        sw.close()  # waits for the pending write
+        assert "k" in sw
+        with pytest.raises(NvmeIOError, match="closed"):
+            sw.write("k", torch.ones(3))
