@@ -27,6 +27,7 @@ class _Application:
     config: PluginConfig
     patch_set: Any  # patches.PatchSet
     runtime: Any  # runtime.plugin_runtime.PluginRuntime | None
+    offload: Any = None  # offload.activation.ActivationOffload | None
 
 
 _ACTIVE: _Application | None = None
@@ -67,10 +68,13 @@ def apply(config: PluginConfig | Mapping[str, Any] | None = None) -> PluginConfi
             )
         from .runtime.plugin_runtime import build_runtime
 
-        runtime = build_runtime(cfg)
+        from .offload.activation import make_activation_offload
+
+        offload = make_activation_offload(cfg.activation_offload)
+        runtime = build_runtime(cfg, offload)
         patch_set = PatchSet(log=cfg.telemetry.log_patches)
-        patch_set.apply(patches_for(cfg, runtime))
-        _ACTIVE = _Application(config=cfg, patch_set=patch_set, runtime=runtime)
+        patch_set.apply(patches_for(cfg, runtime, offload))
+        _ACTIVE = _Application(config=cfg, patch_set=patch_set, runtime=runtime, offload=offload)
     return cfg
 
 
@@ -81,6 +85,8 @@ def revert() -> None:
         if _ACTIVE is None:
             return
         _ACTIVE.patch_set.revert()
+        if _ACTIVE.offload is not None:
+            _ACTIVE.offload.close()
         _ACTIVE = None
 
 
@@ -91,6 +97,11 @@ def active_config() -> PluginConfig | None:
 def active_runtime() -> Any:
     """The plugin runtime of the active application (None with Megatron's own schedules)."""
     return _ACTIVE.runtime if _ACTIVE is not None else None
+
+
+def active_offload() -> Any:
+    """The activation offload of the active application (engine, statistics), or None."""
+    return _ACTIVE.offload if _ACTIVE is not None else None
 
 
 def is_applied() -> bool:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.fields import FieldInfo
 
 logger = logging.getLogger(__name__)
@@ -80,13 +80,78 @@ class ScheduleConfig(_FrozenModel):
 
 
 class ActivationOffloadConfig(_FrozenModel):
-    """Where activations saved for backward live between F and B."""
+    """Where activations saved for backward live between F and B (PipeOffload)."""
 
-    mode: Literal["none"] = Field(
+    mode: Literal["none", "full", "selective"] = Field(
         "none",
-        description="Activation offload to host memory. 'none' keeps every activation on the device.",
+        description=(
+            "Activation offload to host memory inside the pipeline schedule; the unit is one model "
+            "chunk's activations of one microbatch. 'none' keeps every activation on the device; "
+            "'full' offloads every unit after its forward and reloads it ahead of its backward; "
+            "'selective' offloads the units with the longest lifespan (forward to backward) first, "
+            "up to --offload-fraction of them (or the units of --offload-chunks). Which units hide "
+            "their transfer at a given host-link bandwidth: 'simulate --offload-bandwidth'."
+        ),
         json_schema_extra={"flag": "--activation-offload"},
     )
+    fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="'selective': share of each rank's units to offload, longest lifespan first (unset: 0.5).",
+        json_schema_extra={"flag": "--offload-fraction"},
+    )
+    chunks: str | None = Field(
+        None,
+        pattern=r"^\d+(,\d+)*$",
+        description="'selective': offload exactly the units of these local model chunks, e.g. '0' or '0,1'.",
+        json_schema_extra={"flag": "--offload-chunks"},
+    )
+    min_tensor_bytes: int = Field(
+        65536,
+        ge=0,
+        description="Saved storages smaller than this stay on the device (copies of small tensors cost more than they save).",
+        json_schema_extra={"flag": "--offload-min-tensor-bytes"},
+    )
+    host_pool_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Bound on the reusable (pinned on GPU) host buffer pool, in bytes (unset: no bound).",
+        json_schema_extra={"flag": "--offload-host-pool-bytes"},
+    )
+    reload_lead: int = Field(
+        1,
+        ge=0,
+        description="How many compute actions ahead of a unit's backward its reload is launched.",
+        json_schema_extra={"flag": "--offload-reload-lead"},
+    )
+    checkpoint_offload: bool = Field(
+        False,
+        description=(
+            "With Megatron's activation recompute: offload what each checkpointed region keeps (its "
+            "inputs) after its forward and reload it ahead of its recompute, previous region prefetched."
+        ),
+        json_schema_extra={"flag": "--checkpoint-offload"},
+    )
+
+    @model_validator(mode="after")
+    def _selective_options(self) -> "ActivationOffloadConfig":
+        if self.fraction is not None and self.chunks is not None:
+            raise ValueError(
+                f"activation_offload.fraction={self.fraction} and activation_offload.chunks={self.chunks!r}: "
+                "set one of --offload-fraction or --offload-chunks, not both"
+            )
+        if self.mode != "selective":
+            for name, flag in (("fraction", "--offload-fraction"), ("chunks", "--offload-chunks")):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"activation_offload.{name}={getattr(self, name)!r} ({flag}) only applies to "
+                        f"--activation-offload selective; got --activation-offload {self.mode}"
+                    )
+        return self
+
+    def chunk_indices(self) -> tuple[int, ...] | None:
+        return tuple(int(c) for c in self.chunks.split(",")) if self.chunks else None
 
 
 class TelemetryConfig(_FrozenModel):

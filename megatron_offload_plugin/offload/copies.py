@@ -80,7 +80,7 @@ class HostCopies:
 
     def d2h(self, src: torch.Tensor, dst: torch.Tensor) -> Ticket:
         t0 = time.perf_counter()
-        dst.copy_(src)
+        dst[: src.numel()].copy_(src)
         return Ticket(src.numel(), host_seconds=time.perf_counter() - t0)
 
     def h2d(self, src: torch.Tensor, device: torch.device, nbytes: int, after: Ticket | None) -> tuple[torch.Tensor, Ticket]:

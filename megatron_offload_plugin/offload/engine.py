@@ -167,6 +167,11 @@ class OffloadEngine:
         self._pending_host_release: list[tuple[Ticket, torch.Tensor]] = []
         self._timed: list[tuple[str, Ticket]] = []
 
+    def set_exclude(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Storages that always stay (the model's parameters; read at each capture, so
+        ``param.data = ...`` rebinding is seen)."""
+        self._exclude = tuple(tensors)
+
     # ----------------------------------------------------------------- capture
     @contextlib.contextmanager
     def capture(self, unit: UnitKey) -> Iterator[None]:
@@ -200,6 +205,10 @@ class OffloadEngine:
             key = _storage_key(t)
             with self._lock:
                 storage = self._resident_by_key.get(key)
+                if storage is not None and storage.unit is not record:
+                    # Saved by two units (a cached mask, a shared buffer): it lives as long as
+                    # either needs it, so this unit keeps it on the device as is.
+                    return keep(t)
                 if storage is None or storage.flat is None:
                     flat = _flat_bytes(t)
                     storage = _Storage(record, flat, outer_pack(flat) if outer_pack is not None else None, True)
@@ -220,7 +229,7 @@ class OffloadEngine:
         return pack, unpack
 
     def _offloadable(self, t: torch.Tensor) -> bool:
-        if is_traceable_wrapper_subclass(t) or t.is_meta or t.layout is not torch.strided or t.device != self.device:
+        if isinstance(t, torch.nn.Parameter) or is_traceable_wrapper_subclass(t) or t.is_meta or t.layout is not torch.strided or t.device != self.device:
             return False
         storage = t.untyped_storage()
         nbytes = storage.nbytes()
@@ -302,14 +311,21 @@ class OffloadEngine:
         self.total.reloaded_bytes += storage.nbytes
         self._release_finished_host_buffers()
 
+    def ensure_resident(self, unit: UnitKey) -> None:
+        """Before the unit's backward: reload it now if no prefetch did (counted as on demand)."""
+        with self._lock:
+            if self._record(unit).state == "offloaded":
+                self.stats.on_demand_reloads += 1
+                self.total.on_demand_reloads += 1
+                self.reload(unit)
+
     def _ensure_resident(self, storage: _Storage) -> torch.Tensor:
         """For unpack: the storage on the device, the compute stream ordered after its reload."""
         with self._lock:
             if storage.flat is None:
                 record = storage.unit
                 if record.state == "offloaded":
-                    self.stats.on_demand_reloads += 1
-                    self.reload(record.key)
+                    self.ensure_resident(record.key)
                 else:
                     self._start_reload(storage)
             ticket = storage.h2d
@@ -372,10 +388,13 @@ class OffloadEngine:
                     if storage.d2h is not None:
                         storage.d2h.synchronize()
                     self.pool.release(storage.host)
-                    storage.host = None
-                    storage.released = True
                 if storage.flat is not None:
                     self._resident_by_key.pop(_storage_key(storage.flat), None)
+                # Break the storage <-> unit cycle now: the tracker's count must drop when the
+                # backward is done, not whenever the garbage collector runs.
+                storage.host = storage.flat = storage.accounting = None
+                storage.released = True
+            record.storages.clear()
             record.held.clear()
 
     def step_finished(self) -> None:

@@ -18,6 +18,7 @@ from ..config import PluginConfig
 from .registry import Patch
 
 if TYPE_CHECKING:
+    from ..offload.activation import ActivationOffload
     from ..runtime.plugin_runtime import PluginRuntime
 
 SUPPORTED_MEGATRON_CORE = ">=0.16,<0.20"
@@ -50,6 +51,12 @@ def make_schedule_dispatcher(
             from megatron.core.pipeline_parallel import schedules
 
             if megatron_func is schedules.forward_backward_no_pipelining:
+                if config.activation_offload.mode != "none":
+                    raise ValueError(
+                        f"--activation-offload {config.activation_offload.mode} offloads pipeline units; this "
+                        "run has no pipeline parallelism (pipeline_model_parallel_size 1). Use "
+                        "--checkpoint-offload with recompute, or --activation-offload none"
+                    )
                 return megatron_func  # no pipeline, nothing to schedule
             return runtime_func
 
@@ -59,13 +66,19 @@ def make_schedule_dispatcher(
     return factory
 
 
-def patches_for(config: PluginConfig, runtime: "PluginRuntime | None" = None) -> list[Patch]:
+def patches_for(
+    config: PluginConfig,
+    runtime: "PluginRuntime | None" = None,
+    activation_offload: "ActivationOffload | None" = None,
+) -> list[Patch]:
     """The patches a configuration needs, in the order they are applied."""
     patches = []
     if runtime is not None and runtime.splits_weight_gradients:
         patches.append(wgrad_split_patch(runtime.store))
     if runtime is not None and runtime.v_placement:
         patches += v_placement_patches()
+    if activation_offload is not None and activation_offload.regions is not None:
+        patches.append(checkpoint_offload_patch(activation_offload.regions))
     return patches + [
         Patch(
             name=SCHEDULE_DISPATCH,
@@ -172,3 +185,33 @@ def v_placement_patches() -> list[Patch]:
             reason="V placement: the loss chunk is chunk 1 of pipeline rank 0",
         ),
     ]
+
+
+CHECKPOINT_OFFLOAD = "checkpoint-offload"
+
+
+def checkpoint_offload_patch(regions: Any) -> Patch:
+    """``tensor_parallel.checkpoint`` whose kept inputs are offloaded until recompute needs them.
+
+    Upstream refuses offload together with recompute; here the region's saved inputs
+    are copied to host after its forward and reloaded when backward reaches its
+    output (the previous region prefetched), so the recompute sees the same bytes.
+    """
+
+    def factory(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def checkpoint(function: Callable[..., Any], distribute_saved_activations: bool, *args: Any) -> Any:
+            return regions.run(original, function, distribute_saved_activations, *args)
+
+        setattr(checkpoint, PLUGIN_MARKER, CHECKPOINT_OFFLOAD)
+        return checkpoint
+
+    return Patch(
+        name=CHECKPOINT_OFFLOAD,
+        target="megatron.core.tensor_parallel:checkpoint",
+        make_replacement=factory,
+        versions=SUPPORTED_MEGATRON_CORE,
+        reason="--checkpoint-offload: recomputed regions keep their inputs on the host",
+        rebind_imported=True,
+        extra_sites=("megatron.core.tensor_parallel.random:checkpoint",),
+    )

@@ -118,8 +118,15 @@ def run_program(
     collect_non_loss_data: bool = False,
     force_all_reduce: bool | None = False,
     trace: StepTrace | None = None,
+    offload: Any = None,
 ) -> list[Any]:
-    """Run ``program`` (this rank's list of :class:`Step`) and return Megatron's forward data store."""
+    """Run ``program`` (this rank's list of :class:`Step`) and return Megatron's forward data store.
+
+    ``offload`` (an :class:`~megatron_offload_plugin.offload.activation.ActivationOffload`):
+    the units named by the program's OFFLOAD actions are captured during their F, moved
+    to the host at OFFLOAD, brought back at RELOAD (or on demand before their B), and
+    forgotten after it; checkpointed regions inside an F chain per unit.
+    """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.utils import get_model_config
@@ -153,6 +160,11 @@ def run_program(
     next_microbatch = [0] * len(chunks)
     last_finalizing = _grad_finalizing_steps(program) if not forward_only else {}
     finalizing = dict(last_finalizing)
+    offloaded_units = {(s.chunk, s.microbatch) for s in program if s.kind is Kind.OFFLOAD}
+    engine = None
+    if offload is not None and not forward_only and (offloaded_units or offload.regions is not None):
+        engine = offload.engine(p for chunk in chunks for p in chunk.parameters())
+    regions = offload.regions if offload is not None else None
 
     no_sync = config.no_sync_func
     no_sync_list = no_sync if isinstance(no_sync, list) else None
@@ -198,7 +210,29 @@ def run_program(
         if not placement.is_first(stage):
             src, _ = placement.locate(stage - 1)
             input_tensor = mailbox.recv(src, ("act", stage, m))
-        output_tensor, num_tokens = schedules.forward_step(
+        unit = (c, m)
+        captured = engine is not None and unit in offloaded_units and not forward_only
+        with contextlib.ExitStack() as scope:
+            if captured:
+                scope.enter_context(engine.capture(unit))
+            if regions is not None:
+                scope.enter_context(regions.group((rank, c, m)))
+            output_tensor, num_tokens = forward_step(c, m, input_tensor)
+        if captured:
+            engine.hold(unit, input_tensor)  # the received input: backward needs it as its leaf
+        if num_tokens is not None:
+            total_num_tokens.add_(num_tokens)
+        if not placement.is_last(stage):
+            dst, _ = placement.locate(stage + 1)
+            mailbox.send(dst, ("act", stage + 1, m), output_tensor)
+        if forward_only:
+            return
+        schedules.deallocate_output_tensor(output_tensor, config.deallocate_pipeline_outputs)
+        activations[(c, m)] = (input_tensor, output_tensor)
+
+    def forward_step(c: int, m: int, input_tensor: Any) -> tuple[Any, Any]:
+        stage = placement.stage(rank, c)
+        return schedules.forward_step(
             forward_step_func,
             iterators[c],
             chunks[c],
@@ -214,15 +248,6 @@ def run_program(
             vp_stage=c if vpp else None,
             is_last_stage=placement.is_last(stage),
         )
-        if num_tokens is not None:
-            total_num_tokens.add_(num_tokens)
-        if not placement.is_last(stage):
-            dst, _ = placement.locate(stage + 1)
-            mailbox.send(dst, ("act", stage + 1, m), output_tensor)
-        if forward_only:
-            return
-        schedules.deallocate_output_tensor(output_tensor, config.deallocate_pipeline_outputs)
-        activations[(c, m)] = (input_tensor, output_tensor)
 
     def do_backward(step: Step) -> None:
         c, m = step.chunk, step.microbatch
@@ -235,9 +260,13 @@ def run_program(
         if not placement.is_last(stage):
             src, _ = placement.locate(stage + 1)
             grad = mailbox.recv(src, ("grad", stage, m))
+        if engine is not None and (c, m) in offloaded_units:
+            engine.ensure_resident((c, m))
         capture = store.capture((c, m)) if step.kind is Kind.B else contextlib.nullcontext()
         with capture:
             input_grad = backward_step(input_tensor, output_tensor, grad, config)
+        if engine is not None and (c, m) in offloaded_units:
+            engine.release((c, m))
         if not placement.is_first(stage):
             dst, _ = placement.locate(stage - 1)
             mailbox.send(dst, ("grad", stage - 1, m), input_grad)
@@ -245,11 +274,23 @@ def run_program(
     def do_weight(step: Step) -> None:
         store.run((step.chunk, step.microbatch))
 
+    def do_offload(step: Step) -> None:
+        if engine is not None and not forward_only:
+            engine.offload((step.chunk, step.microbatch))
+
+    def do_reload(step: Step) -> None:
+        if engine is not None and not forward_only:
+            engine.reload((step.chunk, step.microbatch))
+
     handlers: dict[Kind, Callable[[Step], None]] = {
         Kind.F: do_forward, Kind.B: do_backward, Kind.BW: do_backward, Kind.W: do_weight,
+        Kind.OFFLOAD: do_offload, Kind.RELOAD: do_reload,
     }
     try:
         for index, step in enumerate(program):
+            if step.kind in (Kind.OFFLOAD, Kind.RELOAD):
+                handlers[step.kind](step)
+                continue
             if not step.is_compute:
                 continue  # communication is derived from the compute actions
             if forward_only and step.kind is not Kind.F:
@@ -267,6 +308,8 @@ def run_program(
         if activations and not forward_only:
             raise RuntimeStateError(f"rank {rank}: activations never consumed by a backward: {sorted(activations)}")
         store.assert_drained()
+        if offload is not None and not forward_only:
+            offload.step_finished()
     finally:
         for stack in per_chunk_sync.values():
             stack.close()

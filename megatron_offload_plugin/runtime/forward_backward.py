@@ -69,6 +69,7 @@ def make_forward_backward_func(
     *,
     trace_sink: Callable[[StepTrace], None] | None = None,
     splits_weight_gradients: bool = False,
+    offload: Any = None,
 ) -> Callable[..., list[Any]]:
     """Megatron's schedule-function signature, running the plugin schedule ``name``."""
     checked: set[str] = set()
@@ -138,6 +139,7 @@ def make_forward_backward_func(
             collect_non_loss_data=collect_non_loss_data,
             force_all_reduce=force_all_reduce,
             trace=trace,
+            offload=offload,
         )
         if trace is not None and trace_sink is not None:
             trace_sink(trace)

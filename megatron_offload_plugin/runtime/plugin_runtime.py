@@ -47,7 +47,7 @@ class AutoPlanner:
         self.version = 0
         self.chosen: str | None = None
 
-    def programs(self, pp: int, chunks: int, microbatches: int) -> tuple[Any, dict[int, list[Step]]]:
+    def programs(self, pp: int, chunks: int, microbatches: int, offload: Any = None) -> tuple[Any, dict[int, list[Step]]]:
         from ..schedules.generators import generate
 
         if chunks not in (1, 2):
@@ -57,7 +57,7 @@ class AutoPlanner:
             )
         schedule = generate("auto", pp, microbatches, vpp=chunks, costs=self.costs, memory_limit=self.memory_limit)
         self.chosen = schedule.meta.get("chosen")
-        return schedule.placement, {r: [a for a in schedule.ranks[r] if a.is_compute] for r in range(pp)}
+        return _runnable(schedule, offload)
 
     def observe(self, events: list[Any], chunks: int) -> bool:
         """After ``replan_after`` iterations, set the costs from the measured events; True if replanned."""
@@ -77,8 +77,21 @@ class AutoPlanner:
         return True
 
 
-def schedule_programs(name: str, pp: int, chunks: int, microbatches: int) -> tuple[Any, dict[int, list[Step]]]:
-    """(placement, {rank: compute actions}) from the registry, validated."""
+def _runnable(schedule: Any, offload: Any = None) -> tuple[Any, dict[int, list[Step]]]:
+    """(placement, {rank: actions the executor runs}): compute, plus OFFLOAD/RELOAD placed by the policy."""
+    if offload is not None and offload.schedules_offload:
+        from ..schedules.offload import insert_offload_actions, plan_offload
+
+        plan = plan_offload(schedule, offload.policy())
+        schedule = insert_offload_actions(schedule, plan, reload_lead=offload.config.reload_lead)
+    keep = (Kind.F, Kind.B, Kind.W, Kind.BW, Kind.OFFLOAD, Kind.RELOAD)
+    return schedule.placement, {r: [a for a in schedule.ranks[r] if a.kind in keep] for r in range(schedule.pp)}
+
+
+def schedule_programs(
+    name: str, pp: int, chunks: int, microbatches: int, offload: Any = None
+) -> tuple[Any, dict[int, list[Step]]]:
+    """(placement, {rank: actions}) from the registry, validated; offload actions placed by ``offload``'s policy."""
     from ..schedules.generators import generate
 
     vpp = chunks if chunks > 1 else None
@@ -88,9 +101,7 @@ def schedule_programs(name: str, pp: int, chunks: int, microbatches: int) -> tup
                 f"--pipeline-schedule {name} places two model chunks per pipeline rank (V shape): set "
                 "--num-layers-per-virtual-pipeline-stage to num_layers / (2 x pipeline size)"
             )
-        schedule = generate(name, pp, microbatches)
-        programs = {r: [a for a in schedule.ranks[r] if a.is_compute] for r in range(pp)}
-        return schedule.placement, programs
+        return _runnable(generate(name, pp, microbatches), offload)
     if name == "interleaved" and vpp is None:
         raise ValueError(
             "--pipeline-schedule interleaved needs model chunks: set "
@@ -102,8 +113,7 @@ def schedule_programs(name: str, pp: int, chunks: int, microbatches: int) -> tup
             "--num-layers-per-virtual-pipeline-stage or use --pipeline-schedule interleaved"
         )
     schedule = generate(name, pp, microbatches, vpp=vpp) if vpp else generate(name, pp, microbatches)
-    programs = {r: [a for a in schedule.ranks[r] if a.kind in (Kind.F, Kind.B, Kind.W, Kind.BW)] for r in range(pp)}
-    return schedule.placement, programs
+    return _runnable(schedule, offload)
 
 
 @dataclass
@@ -115,12 +125,23 @@ class PluginRuntime:
     splits_weight_gradients: bool = False
     v_placement: bool = False
     planner: AutoPlanner | None = None
+    offload: Any = None  # offload.activation.ActivationOffload, or None
 
 
-def build_runtime(config: PluginConfig) -> PluginRuntime | None:
-    """None for 'megatron' (Megatron's own functions run); else the runtime for the schedule."""
+def build_runtime(config: PluginConfig, offload: Any = None) -> PluginRuntime | None:
+    """None for 'megatron' (Megatron's own functions run); else the runtime for the schedule.
+
+    ``offload``: the configuration's :class:`~..offload.activation.ActivationOffload`, whose
+    policy places OFFLOAD/RELOAD actions in every program and whose engine the executor uses.
+    """
     name = config.schedule.pipeline_schedule
     if name == "megatron":
+        if offload is not None and offload.schedules_offload:
+            raise ValueError(
+                f"--activation-offload {config.activation_offload.mode} runs inside the plugin's pipeline "
+                "schedules; --pipeline-schedule megatron (Megatron's own functions) has no offload actions. "
+                "Choose one of: " + ", ".join(RUNTIME_SCHEDULES) + " (or --checkpoint-offload alone)"
+            )
         return None
     if name not in RUNTIME_SCHEDULES:
         raise ValueError(
@@ -134,8 +155,8 @@ def build_runtime(config: PluginConfig) -> PluginRuntime | None:
 
     def source(pp: int, chunks: int, microbatches: int) -> tuple[Any, dict[int, list[Step]]]:
         if planner is not None:
-            return planner.programs(pp, chunks, microbatches)
-        return schedule_programs(name, pp, chunks, microbatches)
+            return planner.programs(pp, chunks, microbatches, offload)
+        return schedule_programs(name, pp, chunks, microbatches, offload)
 
     sink: Callable[[Any], None] = recorder
     func_box: list[Any] = []
@@ -148,7 +169,7 @@ def build_runtime(config: PluginConfig) -> PluginRuntime | None:
                 func_box[0].programs_for.cache_clear()  # plan again with the measured costs
 
     func = make_forward_backward_func(
-        name, source, store, trace_sink=sink, splits_weight_gradients=_SPLITS_WEIGHT_GRADIENTS[name]
+        name, source, store, trace_sink=sink, splits_weight_gradients=_SPLITS_WEIGHT_GRADIENTS[name], offload=offload
     )
     func_box.append(func)
     return PluginRuntime(
@@ -158,4 +179,5 @@ def build_runtime(config: PluginConfig) -> PluginRuntime | None:
         # when two virtual stages are configured, so they are harmless for one chunk.
         v_placement=name in V_SCHEDULES or name == "auto",
         planner=planner,
+        offload=offload,
     )

@@ -11,7 +11,7 @@ approximate method can state its tolerance with the same tool.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -57,9 +57,12 @@ def global_main_grads(bundle: Any) -> dict[str, torch.Tensor]:
 
 
 def capture_training(
-    recipe: GPTRecipe, iterations: int, plugin_config: Mapping[str, Any] | None
+    recipe: GPTRecipe, iterations: int, plugin_config: Mapping[str, Any] | None,
+    on_step: Callable[[Any], None] | None = None,
 ) -> RunCapture:
-    """Run ``iterations`` train steps on this rank; apply the plugin config first if given."""
+    """Run ``iterations`` train steps on this rank; apply the plugin config first if given.
+
+    ``on_step`` receives each iteration's :class:`IterationResult`."""
     if plugin_config is not None:
         plugin_api.apply(plugin_config)
     try:
@@ -69,6 +72,8 @@ def capture_training(
             result = trainer.train_step(it, inspect=lambda b: capture.grads.append(b.main_grads()))
             capture.losses.append(result.loss)
             capture.peak_activation_bytes = max(capture.peak_activation_bytes, result.peak_activation_bytes)
+            if on_step is not None:
+                on_step(result)
         capture.params_after = {n: p.detach().clone() for n, p in bundle.named_parameters()}
         return capture
     finally:
@@ -266,3 +271,39 @@ def auto_replan_worker(rank: int, world_size: int, recipe_kwargs: dict[str, Any]
                 "chosen": planner.chosen, "costs": (planner.costs.f, planner.costs.b, planner.costs.w)}
     finally:
         plugin_api.revert()
+
+
+def offload_equivalence_worker(
+    rank: int, world_size: int, recipe_kwargs: dict[str, Any], schedule: str,
+    offload_sections: list[dict[str, Any]], iterations: int,
+) -> dict[str, Any]:
+    """The same schedule without offload, then with each ``activation_offload`` section.
+
+    Returns, per section, this rank's comparison with the no-offload run (bitwise),
+    its peak activation bytes (resident for backward) and the offload figures of the
+    last iteration (run_distributed target)."""
+    recipe = GPTRecipe(**recipe_kwargs)
+    recipe.validate(world_size)
+    base = {"schedule": {"pipeline_schedule": schedule}, "telemetry": {"log_patches": False}}
+    reference = capture_training(recipe, iterations, plugin_config=base)
+    runs = []
+    for section in offload_sections:
+        stats: list[Any] = []
+        candidate = capture_training(
+            recipe, iterations, plugin_config={**base, "activation_offload": section},
+            on_step=lambda result: stats.append((result, _pipeline_rank())),
+        )
+        report = compare_captures(candidate, reference)
+        last, pp_rank = stats[-1]
+        report.update(section=section, peak_activation_bytes=candidate.peak_activation_bytes, pipeline_rank=pp_rank,
+                      offload=last.offload_per_stage[pp_rank] if last.offload_per_stage else None)
+        runs.append(report)
+    return {"rank": rank, "reference_peak_activation_bytes": reference.peak_activation_bytes,
+            "reference_losses": reference.losses, "runs": runs}
+
+
+
+def _pipeline_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_rank()

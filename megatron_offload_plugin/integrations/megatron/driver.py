@@ -106,6 +106,14 @@ def format_iteration(recipe: GPTRecipe, it: IterationResult, stage_peaks: list[i
         fields.append(f"pipeline bubble rate (measured): {it.measured_bubble_rate:.3f}")
     peaks = "/".join(f"{p / MIB:.2f}" for p in stage_peaks)
     fields.append(f"peak activation memory per stage (MiB): {peaks}")
+    if it.offload_per_stage:
+        per_stage = it.offload_per_stage
+        fields.append("offloaded/reloaded per stage (MiB): " + "/".join(
+            f"{s['offloaded_bytes'] / MIB:.2f}:{s['reloaded_bytes'] / MIB:.2f}" for s in per_stage))
+        fields.append("host pool per stage (MiB): " + "/".join(f"{s['host_pool_bytes'] / MIB:.2f}" for s in per_stage))
+        fields.append("copy time hidden/exposed per stage (ms): " + "/".join(
+            f"{max(0.0, s['d2h_seconds'] + s['h2d_seconds'] - s['exposed_seconds']) * 1000:.1f}:"
+            f"{s['exposed_seconds'] * 1000:.1f}" for s in per_stage))
     return " | ".join(fields) + " |"
 
 
@@ -121,6 +129,10 @@ def format_summary(summary: dict[str, Any], recipe: GPTRecipe, world_size: int, 
     ]
     for stage, peak in enumerate(summary["peak_activation_bytes"]):
         rows.append((f"peak activation memory, stage {stage}", f"{peak / MIB:.2f} MiB ({peak} B)"))
+    offload = summary.get("activation_offload")
+    if offload:
+        for stage, (moved, pool) in enumerate(zip(offload["offloaded_bytes_per_iteration"], offload["host_pool_bytes"])):
+            rows.append((f"offloaded per iteration / host pool, stage {stage}", f"{moved / MIB:.2f} / {pool / MIB:.2f} MiB"))
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 3 + max(len(v) for _, v in rows))
     body = "\n".join(f"{k.ljust(width)} | {v}" for k, v in rows)

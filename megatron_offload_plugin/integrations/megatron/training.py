@@ -71,6 +71,7 @@ class IterationResult:
     peak_activation_bytes: int
     learning_rate: float
     measured_bubble_rate: float | None = None
+    offload_per_stage: list[dict[str, Any]] | None = None  # activation offload figures, one dict per stage
 
 
 @dataclass
@@ -79,6 +80,20 @@ class TrainingSummary:
     world_size: int
     iterations: list[IterationResult] = field(default_factory=list)
     peak_activation_bytes_per_stage: list[int] = field(default_factory=list)
+
+    def offload_figures(self) -> dict[str, Any] | None:
+        """Per stage, over the run: bytes offloaded per iteration (last), host pool size, copy seconds."""
+        with_offload = [it.offload_per_stage for it in self.iterations if it.offload_per_stage]
+        if not with_offload:
+            return None
+        last = with_offload[-1]
+        return {
+            "offloaded_bytes_per_iteration": [s["offloaded_bytes"] for s in last],
+            "reloaded_bytes_per_iteration": [s["reloaded_bytes"] for s in last],
+            "host_pool_bytes": [max(it[i]["host_pool_bytes"] for it in with_offload) for i in range(len(last))],
+            "copy_seconds_per_iteration": [s.get("d2h_seconds", 0.0) + s.get("h2d_seconds", 0.0) for s in last],
+            "exposed_copy_seconds_per_iteration": [s.get("exposed_seconds", 0.0) for s in last],
+        }
 
     def as_dict(self) -> dict[str, Any]:
         times = [it.time_s for it in self.iterations]
@@ -93,6 +108,7 @@ class TrainingSummary:
             "peak_activation_bytes": list(self.peak_activation_bytes_per_stage),
             "measured_bubble_rates": [it.measured_bubble_rate for it in self.iterations],
             "iterations": len(self.iterations),
+            "activation_offload": self.offload_figures(),
         }
 
 
@@ -118,6 +134,14 @@ def _measured_bubble_rate() -> float | None:
     runtime = plugin_api.active_runtime()
     rates = runtime.recorder.last_rates if runtime is not None else None
     return rates["bubble_rate"] if rates else None
+
+
+def _offload_stats() -> dict[str, Any] | None:
+    """This iteration's activation-offload figures on this rank (None without offload)."""
+    from ... import plugin as plugin_api
+
+    offload = plugin_api.active_offload()
+    return offload.take_stats() if offload is not None else None
 
 
 class Trainer:
@@ -202,27 +226,32 @@ class Trainer:
             learning_rate=lr,
             measured_bubble_rate=_measured_bubble_rate(),
         )
-        result.loss = self._record_stage_figures(result.peak_activation_bytes, result.loss)
+        result.loss, result.offload_per_stage = self._record_stage_figures(
+            result.peak_activation_bytes, result.loss, _offload_stats()
+        )
         self.summary.iterations.append(result)
         return result
 
-    def _record_stage_figures(self, peak: int, loss: float | None) -> float | None:
-        """Gather every pipeline rank's peak, and the loss from whichever rank computed it
-        (the last rank, or rank 0 with a V-shaped schedule), so every rank can log them."""
+    def _record_stage_figures(
+        self, peak: int, loss: float | None, offload: dict[str, Any] | None
+    ) -> tuple[float | None, list[dict[str, Any]] | None]:
+        """Gather every pipeline rank's peak and offload figures, and the loss from whichever rank
+        computed it (the last rank, or rank 0 with a V-shaped schedule), so every rank can log them."""
         from megatron.core import parallel_state
 
         group = parallel_state.get_pipeline_model_parallel_group()
         size = torch.distributed.get_world_size(group)
         gathered: list[Any] = [None] * size
-        torch.distributed.all_gather_object(gathered, (peak, loss), group=group)
-        peaks = [int(p) for p, _ in gathered]
-        losses = [l for _, l in gathered if l is not None]
+        torch.distributed.all_gather_object(gathered, (peak, loss, offload), group=group)
+        peaks = [int(p) for p, _, _ in gathered]
+        losses = [l for _, l, _ in gathered if l is not None]
+        offloads = [o for _, _, o in gathered]
         self._peak_per_stage = peaks
         prev = self.summary.peak_activation_bytes_per_stage
         self.summary.peak_activation_bytes_per_stage = (
             [max(a, b) for a, b in zip(prev, peaks)] if prev else peaks
         )
-        return losses[0] if losses else None
+        return (losses[0] if losses else None), (offloads if all(o is not None for o in offloads) else None)
 
     @property
     def last_stage_peaks(self) -> list[int]:
