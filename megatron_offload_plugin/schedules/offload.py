@@ -35,10 +35,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .costs import CostModel
 from .ir import Action, Kind, Placement, Schedule
+
+if TYPE_CHECKING:
+    from .simulator import SimulationResult
 
 Unit = tuple[int, int]  # (chunk, microbatch) on one rank
 OFFLOAD_MODES = ("none", "full", "selective")
@@ -255,6 +258,7 @@ def insert_offload_actions(schedule: Schedule, plan: OffloadPlan, reload_lead: i
         times = (plan.times or {}).get(rank, {})
         after: dict[int, Action] = {}  # row position -> OFFLOAD to put after it
         before: dict[int, list[tuple[int, Action]]] = {}  # compute index -> RELOADs (by B order) before it
+        spans: list[tuple[int, int, Unit]] = []  # (compute index of F, of B/BW, unit)
         for chunk, mb in sorted(units):
             f = Action(chunk, Kind.F, mb)
             b = Action(chunk, Kind.B, mb)
@@ -263,24 +267,37 @@ def insert_offload_actions(schedule: Schedule, plan: OffloadPlan, reload_lead: i
             if f not in index_of or b not in index_of:
                 raise ValueError(f"rank {rank}: unit (chunk {chunk}, microbatch {mb}) has no F and B/BW to offload "
                                  "between")
-            kf, kb = index_of[f], index_of[b]
-            pos = compute[kf]
+            spans.append((index_of[f], index_of[b], (chunk, mb)))
+            pos = compute[index_of[f]]
             while pos + 1 < len(row) and row[pos + 1].kind is Kind.SEND_F and row[pos + 1].unit == (chunk, mb):
                 pos += 1
             after[pos] = Action(chunk, Kind.OFFLOAD, mb)
+        transfer = plan.transfer.get(rank, {})
+        timed = all(row[i] in times for i in compute) and any(transfer.get(u, 0.0) > 0 for _, _, u in spans)
+        offloaded_at: dict[Unit, float] = {}
+        if timed:  # estimate the D2H queue: copies in F order, each after its F and the one before
+            d2h = 0.0
+            for kf, _, u in sorted(spans):
+                d2h = offloaded_at[u] = max(times[row[compute[kf]]][1], d2h) + transfer.get(u, 0.0)
+        h2d, last_target = 0.0, 0
+        for kf, kb, u in sorted(spans, key=lambda x: x[1]):  # RELOADs in the order their B run
             lead = reload_lead
-            transfer = plan.transfer.get(rank, {}).get((chunk, mb), 0.0)
-            if transfer > 0 and b in times:
-                b_start = times[b][0]
-                f_end = times[f][1]
-                while kb - lead > kf + 1:
-                    prev = row[compute[kb - lead - 1]]
-                    issue = max(times[prev][1], f_end + transfer) if prev in times else f_end + transfer
-                    if issue + transfer <= b_start + 1e-9:
-                        break
+            if timed:
+                t = transfer.get(u, 0.0)
+                b_start = times[row[compute[kb]]][0]
+
+                def reload_end(lead: int) -> float:
+                    k = max(kb - lead, kf + 1, last_target)  # noqa: B023 (called in this iteration only)
+                    issue = times[row[compute[k - 1]]][1]
+                    return max(issue, offloaded_at[u], h2d) + t  # noqa: B023
+
+                while kb - lead > max(kf + 1, last_target) and reload_end(lead) > b_start + 1e-9:
                     lead += 1
-            target = max(kb - lead, kf + 1)  # never before (or at) the F: the OFFLOAD must come first
-            before.setdefault(target, []).append((kb, Action(chunk, Kind.RELOAD, mb)))
+                h2d = reload_end(lead)
+            # never before (or at) the F, so the OFFLOAD comes first; never before an earlier B's RELOAD
+            target = max(kb - lead, kf + 1, last_target)
+            last_target = target
+            before.setdefault(target, []).append((kb, Action(u[0], Kind.RELOAD, u[1])))
         out: list[Action] = []
         compute_at = {i: k for k, i in enumerate(compute)}
         pending: list[Action] = []
@@ -299,3 +316,18 @@ def insert_offload_actions(schedule: Schedule, plan: OffloadPlan, reload_lead: i
         out.extend(pending)
         new_ranks.append(out)
     return schedule.replace_ranks(new_ranks)
+
+
+def apply_offload(schedule: Schedule, policy: OffloadPolicy, costs: CostModel | None = None,
+                  reload_lead: int = 1) -> tuple[Schedule, OffloadPlan, SimulationResult]:
+    """Plan, insert and simulate: ``(schedule with OFFLOAD/RELOAD, plan, simulation)``.
+
+    With ``mode='none'`` the schedule is returned as given, simulated with the policy so the
+    result still carries an (empty) offload report.
+    """
+    from .simulator import simulate
+
+    costs = costs or CostModel()
+    plan = plan_offload(schedule, policy, costs)
+    offloaded = insert_offload_actions(schedule.without_offload(), plan, reload_lead) if plan.count else schedule
+    return offloaded, plan, simulate(offloaded, costs, offload=policy)

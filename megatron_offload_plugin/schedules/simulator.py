@@ -20,6 +20,16 @@ Bubble figures (``busy`` is the compute time of a device, ``p`` the devices):
     zero-bubble papers' accounting, in which the idle before a device's first
     action and after its last overlaps the neighbouring iterations.
 
+Activation offload: OFFLOAD and RELOAD actions run on two copy channels per device,
+device-to-host and host-to-device, independent of the compute stream and of each
+other (a full-duplex host link), each first-in first-out in program order.  An
+OFFLOAD is issued when the stream reaches it (right after its F) and starts when
+its channel is free; the unit's activations are freed when it ends.  A RELOAD is
+issued at its program position, starts when the H2D channel is free and its
+OFFLOAD has ended, and allocates the unit again when it starts; the unit's B (or
+BW) waits for it to end.  Copy times come from ``simulate(..., offload=policy)``
+(see :class:`.offload.OffloadPolicy`); without them copies take no time.
+
 Not modelled: overlap of compute with communication on the same device (a
 message is a pure delay), link contention, optimizer time, and memory other
 than activations (see :mod:`.costs` for the activation accounting).
@@ -27,14 +37,18 @@ than activations (see :mod:`.costs` for the activation accounting).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .costs import CostModel
-from .deps import requirements
+from .deps import INPUT_GRAD_KINDS, requirements
 from .ir import Action, Kind, Schedule
 from .validate import is_validated, validate
+
+if TYPE_CHECKING:
+    from .offload import OffloadPolicy
 
 
 class TimelineEntry(NamedTuple):
@@ -56,6 +70,7 @@ class SimulationResult:
     steady_bubble_rate: float
     memory: tuple[tuple[tuple[float, float], ...], ...]  # per device: (time, activation units) after each change
     peak_activation: tuple[float, ...]
+    offload: OffloadReport | None = None  # set when the schedule offloads activations (or a policy was given)
 
     def rank_timeline(self, rank: int) -> list[TimelineEntry]:
         return [e for e in self.timeline if e.rank == rank]
@@ -74,6 +89,7 @@ class SimulationResult:
             "peak_activation": [_r(x) for x in self.peak_activation],
             "busy": [_r(x) for x in self.busy],
             "windows": [[_r(a), _r(b)] for a, b in self.windows],
+            **(self.offload.to_dict() if self.offload is not None else {}),
         }
 
 
@@ -94,27 +110,45 @@ def _needs(placement, rank: int, action: Action, lowered: bool, comm: float):
     return tuple((n.keys(), comm if n.remote else 0.0) for n in requirements(placement, rank, action, lowered=lowered))
 
 
-def _run(schedule: Schedule, costs: CostModel, cutoff: float = float("inf")) -> list[list[tuple[float, float]]]:
+def _run(schedule: Schedule, costs: CostModel, cutoff: float = float("inf"),
+         transfer: Callable[[int, int], float] | None = None,
+         stalls: dict[tuple[int, Action], float] | None = None) -> list[list[tuple[float, float]]]:
     """(start, end) of every action, rank by rank; raises ``_Deadlock`` if the ranks get stuck
-    and :class:`Pruned` once an action ends after ``cutoff``."""
+    and :class:`Pruned` once an action ends after ``cutoff``.
+
+    OFFLOAD and RELOAD run on the rank's D2H and H2D copy channels, not on its compute stream:
+    each is issued when the stream reaches it, starts once its needs have ended and its channel
+    is free, and takes ``transfer(rank, chunk)`` (0 without ``transfer``).  A B or BW of an
+    offloaded unit also waits for the end of its RELOAD; the time it waited is put in ``stalls``.
+    """
     placement, lowered = schedule.placement, schedule.is_lowered
     rows = schedule.ranks
     comm = costs.comm
     durations: dict[tuple[int, int, Kind], float] = {}
     plan = []
     for rank, row in enumerate(rows):
+        reloaded = {a.unit for a in row if a.kind is Kind.RELOAD}
         steps = []
         for a in row:
             dkey = (rank, a.chunk, a.kind)
             duration = durations.get(dkey)
             if duration is None:
-                duration = durations[dkey] = costs.duration(placement, rank, a)
-            steps.append((_needs(placement, rank, a, lowered, comm), duration, (rank, a)))
+                if a.is_offload:
+                    duration = transfer(rank, a.chunk) if transfer is not None else 0.0
+                else:
+                    duration = costs.duration(placement, rank, a)
+                durations[dkey] = duration
+            lane = _LANES.get(a.kind, 0)
+            reload_key = None
+            if reloaded and a.kind in INPUT_GRAD_KINDS and a.unit in reloaded:
+                reload_key = (rank, Action(a.chunk, Kind.RELOAD, a.microbatch))
+            steps.append((_needs(placement, rank, a, lowered, comm), duration, (rank, a), lane, reload_key))
         plan.append(steps)
     end: dict[tuple[int, Action], float] = {}
     times: list[list[tuple[float, float]]] = [[] for _ in rows]
-    work = [sum(step[1] for step in steps) for steps in plan]  # device time still to run, per rank
+    work = [sum(step[1] for step in steps if not step[3]) for steps in plan]  # device time still to run, per rank
     free = [0.0] * len(rows)
+    channel = [[0.0, 0.0, 0.0] for _ in rows]  # per rank: unused, D2H free from, H2D free from
     pos = [0] * len(rows)
     left = sum(len(r) for r in rows)
     while left:
@@ -123,7 +157,7 @@ def _run(schedule: Schedule, costs: CostModel, cutoff: float = float("inf")) -> 
             i, t = pos[rank], free[rank]
             left_work = work[rank]
             while i < len(steps):
-                needs, duration, key = steps[i]
+                needs, duration, key, lane, reload_key = steps[i]
                 start = t
                 for alternatives, delay in needs:
                     ready = None
@@ -137,6 +171,20 @@ def _run(schedule: Schedule, costs: CostModel, cutoff: float = float("inf")) -> 
                     if ready + delay > start:
                         start = ready + delay
                 else:
+                    if lane:  # a copy: its channel, not the compute stream
+                        lanes = channel[rank]
+                        if lanes[lane] > start:
+                            start = lanes[lane]
+                        lanes[lane] = end[key] = start + duration
+                        times[rank].append((start, start + duration))
+                        i += 1
+                        continue
+                    if reload_key is not None:
+                        reloaded_at = end[reload_key]
+                        if reloaded_at > start:
+                            if stalls is not None:
+                                stalls[key] = reloaded_at - start
+                            start = reloaded_at
                     t = start + duration
                     left_work -= duration
                     if t + left_work > cutoff:
@@ -153,6 +201,9 @@ def _run(schedule: Schedule, costs: CostModel, cutoff: float = float("inf")) -> 
         if not progress:
             raise _Deadlock("no rank can move")
     return times
+
+
+_LANES = {Kind.OFFLOAD: 1, Kind.RELOAD: 2}
 
 
 def quick_eval(schedule: Schedule, costs: CostModel, cutoff: float = float("inf")) -> tuple[float, float, float]:
@@ -191,39 +242,46 @@ def quick_eval(schedule: Schedule, costs: CostModel, cutoff: float = float("inf"
     return makespan, (1.0 - busy / window if window > 0 else 0.0), peak
 
 
-def simulate(schedule: Schedule, costs: CostModel | None = None) -> SimulationResult:
-    """Validate ``schedule`` (raising :class:`.validate.ScheduleError`) and time it under ``costs``."""
+def simulate(schedule: Schedule, costs: CostModel | None = None, *, offload: OffloadPolicy | None = None
+             ) -> SimulationResult:
+    """Validate ``schedule`` (raising :class:`.validate.ScheduleError`) and time it under ``costs``.
+
+    ``offload`` gives the host link that OFFLOAD/RELOAD actions use (its bandwidth, bytes per
+    unit, seconds per time unit); without it, or without its bandwidth, copies take no time.
+    When the schedule offloads (or ``offload`` is given), :attr:`SimulationResult.offload`
+    compares it with the same schedule without OFFLOAD/RELOAD.
+    """
     costs = costs or CostModel()
     if not is_validated(schedule):
         validate(schedule)
     placement = schedule.placement
-    times = _run(schedule, costs)
+    transfer = None
+    if offload is not None:
+        def transfer(rank: int, chunk: int) -> float:
+            return offload.transfer_time(costs, placement, rank, chunk)
+    stalls: dict[tuple[int, Action], float] = {}
+    times = _run(schedule, costs, transfer=transfer, stalls=stalls)
     timeline = tuple(
         TimelineEntry(rank, a, *times[rank][step])
         for rank, row in enumerate(schedule.ranks) for step, a in enumerate(row)
     )
     busy, windows, memory, peaks = [], [], [], []
     for rank in range(schedule.pp):
-        compute = [e for e in timeline if e.rank == rank and e.action.is_compute]
+        entries = [e for e in timeline if e.rank == rank]
+        compute = [e for e in entries if e.action.is_compute]
         busy.append(sum(e.end - e.start for e in compute))
         windows.append((min(e.start for e in compute), max(e.end for e in compute)) if compute else (0.0, 0.0))
-        level, curve, peak = 0.0, [(0.0, 0.0)], 0.0
-        for e in compute:
-            up = costs.allocates(placement, rank, e.action)
-            if up:
-                level += up
-                curve.append((e.start, level))
-                peak = max(peak, level)
-            down = costs.releases(placement, rank, e.action)
-            if down:
-                level -= down
-                curve.append((e.end, level))
-        memory.append(tuple(curve))
+        curve, peak = _memory_curve(placement, costs, rank, entries)
+        memory.append(curve)
         peaks.append(peak)
     makespan = max((e.end for e in timeline), default=0.0)
     total_busy = sum(busy)
     span = schedule.pp * makespan
     window_sum = sum(b - a for a, b in windows)
+    report = None
+    if offload is not None or schedule.has_offload:
+        base = simulate(schedule.without_offload(), costs)
+        report = _offload_report(schedule, costs, offload, makespan, base, stalls)
     return SimulationResult(
         schedule=schedule,
         costs=costs,
@@ -235,4 +293,108 @@ def simulate(schedule: Schedule, costs: CostModel | None = None) -> SimulationRe
         steady_bubble_rate=1.0 - total_busy / window_sum if window_sum > 0 else 0.0,
         memory=tuple(memory),
         peak_activation=tuple(peaks),
+        offload=report,
+    )
+
+
+def _memory_curve(placement, costs: CostModel, rank: int, entries: list[TimelineEntry]
+                  ) -> tuple[tuple[tuple[float, float], ...], float]:
+    """Activation units on ``rank`` after each change, and their peak.
+
+    A compute action allocates when it starts and frees when it ends (see :mod:`.costs`); an
+    OFFLOAD frees its unit when its copy ends, a RELOAD allocates it again when its copy
+    starts.  At one instant frees count before allocations.
+    """
+    events: list[tuple[float, int, int, float]] = []  # (time, 0 free / 1 allocate, order, units)
+    for n, e in enumerate(entries):
+        a = e.action
+        if a.is_compute:
+            up, down = costs.allocates(placement, rank, a), costs.releases(placement, rank, a)
+            if up:
+                events.append((e.start, 1, n, up))
+            if down:
+                events.append((e.end, 0, n, -down))
+        elif a.kind is Kind.OFFLOAD:
+            events.append((e.end, 0, n, -costs.fraction(placement, rank, a.chunk)))
+        elif a.kind is Kind.RELOAD:
+            events.append((e.start, 1, n, costs.fraction(placement, rank, a.chunk)))
+    events.sort()
+    level, curve, peak = 0.0, [(0.0, 0.0)], 0.0
+    for time, _, _, delta in events:
+        level += delta
+        curve.append((time, level))
+        if level > peak:
+            peak = level
+    return tuple(curve), peak
+
+
+@dataclass(frozen=True)
+class OffloadReport:
+    """What offloading activations did to one simulated schedule.
+
+    ``not_hidden`` lists, per rank, the units whose B (or BW) waited for their RELOAD, and
+    ``exposed`` the total time those B waited; ``added_makespan`` compares with the same
+    schedule simulated without OFFLOAD/RELOAD.  ``offloaded_bytes`` (per rank, one way) needs
+    the policy's ``unit_bytes``.
+    """
+
+    policy: OffloadPolicy | None
+    units: dict[int, frozenset[tuple[int, int]]]
+    makespan_no_offload: float
+    added_makespan: float
+    added_makespan_rel: float
+    peak_activation_no_offload: tuple[float, ...]
+    not_hidden: dict[int, tuple[tuple[int, int], ...]]
+    exposed: tuple[float, ...]
+    offloaded_bytes: tuple[float, ...] | None
+    no_offload: SimulationResult = field(repr=False, compare=False)
+
+    @property
+    def offloaded_units(self) -> int:
+        return sum(len(u) for u in self.units.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        ranks = sorted(self.units)
+        out: dict[str, Any] = {
+            "activation_offload": self.policy.to_dict() if self.policy is not None else None,
+            "offloaded_units": self.offloaded_units,
+            "offloaded_units_per_rank": [len(self.units[r]) for r in ranks],
+            "makespan_no_offload": _r(self.makespan_no_offload),
+            "added_makespan": _r(self.added_makespan),
+            "added_makespan_rel": _r(self.added_makespan_rel),
+            "not_hidden": [[list(u) for u in self.not_hidden.get(r, ())] for r in ranks],
+            "exposed_reload_time": [_r(x) for x in self.exposed],
+            "peak_activation_no_offload": [_r(x) for x in self.peak_activation_no_offload],
+        }
+        if self.offloaded_bytes is not None:
+            out["offloaded_bytes"] = [_r(x) for x in self.offloaded_bytes]
+        return out
+
+
+def _offload_report(schedule: Schedule, costs: CostModel, policy: OffloadPolicy | None, makespan: float,
+                    base: SimulationResult, stalls: dict[tuple[int, Action], float]) -> OffloadReport:
+    units = {r: frozenset(a.unit for a in row if a.kind is Kind.OFFLOAD) for r, row in enumerate(schedule.ranks)}
+    not_hidden: dict[int, list[tuple[int, int]]] = {}
+    exposed = [0.0] * schedule.pp
+    for (rank, action), waited in sorted(stalls.items()):
+        if waited > 1e-9:
+            not_hidden.setdefault(rank, []).append(action.unit)
+            exposed[rank] += waited
+    offloaded_bytes = None
+    if policy is not None and policy.unit_bytes is not None:
+        offloaded_bytes = tuple(
+            sum(policy.unit_share_bytes(costs, schedule.placement, r, c) for c, _ in units[r])
+            for r in range(schedule.pp))
+    added = makespan - base.makespan
+    return OffloadReport(
+        policy=policy,
+        units=units,
+        makespan_no_offload=base.makespan,
+        added_makespan=added,
+        added_makespan_rel=added / base.makespan if base.makespan > 0 else 0.0,
+        peak_activation_no_offload=base.peak_activation,
+        not_hidden={r: tuple(u) for r, u in not_hidden.items()},
+        exposed=tuple(exposed),
+        offloaded_bytes=offloaded_bytes,
+        no_offload=base,
     )
