@@ -104,6 +104,8 @@ def test_cli_flag_set_is_frozen():
         "-h", "--help", "--schedule", "--pp", "--microbatches", "--vpp", "--microbatch-group-size",
         "--cost-f", "--cost-b", "--cost-w", "--cost-comm", "--memory-limit", "--with-comms", "--plot",
         "--dump-schedule", "--json",
+        "--activation-offload", "--offload-fraction", "--offload-chunks", "--offload-bandwidth",
+        "--activation-bytes", "--time-unit-s",
     }
 
 

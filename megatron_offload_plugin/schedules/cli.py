@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 from .costs import CostModel
 from .generators import ScheduleRequest, available_schedules, describe_schedules, generate
 from .generators.registry import unknown_schedule_message
+from .offload import OFFLOAD_MODES, OffloadPolicy, apply_offload
 from .passes import add_send_recv
 from .simulator import SimulationResult, simulate
 
@@ -41,6 +43,9 @@ DEFINITIONS = {
                           "windows (the zero-bubble papers' accounting)",
     "peak_activation": "per device, in units of one microbatch's activations through one device's full "
                        "share of layers; held from F until its W (or BW) ends",
+    "added_makespan": "makespan with activation offload minus the same schedule's without it (time units); "
+                      "_rel divides by the latter",
+    "not_hidden": "per device, the offloaded (chunk, microbatch) units whose B waited for their RELOAD",
     "costs": "times of one microbatch through one device's full share of layers; a chunk costs its "
              "fraction; comm is a delay between devices, not device time",
 }
@@ -88,6 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-limit", type=float, default=None, metavar="U",
                         help="activation units per device: auto searches within it (default pp); other schedules "
                              "report whether they fit")
+    parser.add_argument("--activation-offload", choices=OFFLOAD_MODES, default=None,
+                        help="offload activations to the host between F and B: none, full (every unit whose "
+                             "lifespan is positive) or selective (longest-lived units whose copies hide; default "
+                             "share 0.5)")
+    parser.add_argument("--offload-fraction", type=float, default=None, metavar="X",
+                        help="selective: share of each device's units to offload, in (0, 1] (default 0.5)")
+    parser.add_argument("--offload-chunks", default=None, metavar="C[,C...]",
+                        help="selective: offload the units of these local chunks instead of a share, e.g. 0,1")
+    parser.add_argument("--offload-bandwidth", type=float, default=None, metavar="GBPS",
+                        help="host link GB/s each direction (full duplex); unset: copies take no time")
+    parser.add_argument("--activation-bytes", type=float, default=None, metavar="BYTES",
+                        help="bytes of one microbatch's activations through one device's full layer share "
+                             "(needed with --offload-bandwidth)")
+    parser.add_argument("--time-unit-s", type=float, default=1.0, metavar="S",
+                        help="seconds per cost time unit, to turn bytes / bandwidth into schedule time (default 1)")
     parser.add_argument("--with-comms", action="store_true",
                         help="lower the schedule with SEND/RECV actions before simulating and dumping")
     parser.add_argument("--plot", type=Path, default=None, metavar="PNG", help="write the timeline figure here")
@@ -106,6 +126,8 @@ def summary(result: SimulationResult, memory_limit: float | None) -> dict[str, A
     out["max_peak_activation"] = round(max(result.peak_activation), 9)
     if "chosen" in s.meta:
         out["chosen"] = s.meta["chosen"]
+    if result.offload is not None:
+        out["peak_activation_no_offload"] = [round(x, 9) for x in result.offload.peak_activation_no_offload]
     if memory_limit is not None:
         out["memory_limit"] = memory_limit
         out["fits_memory_limit"] = max(result.peak_activation) <= memory_limit + 1e-9
@@ -146,9 +168,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         schedule = generate(args.schedule, request)
     except ValueError as exc:  # bad input or a configuration the schedule cannot run
         return _error(f"--schedule {args.schedule}: {exc}")
+    policy = None
+    if args.activation_offload is not None:
+        try:
+            policy = _offload_policy(args)
+        except ValueError as exc:
+            return _error(_as_flags(str(exc)))
+    elif any(x is not None for x in (args.offload_fraction, args.offload_chunks, args.offload_bandwidth,
+                                      args.activation_bytes)):
+        return _error("--offload-fraction, --offload-chunks, --offload-bandwidth and --activation-bytes need "
+                      "--activation-offload (none, full or selective)")
     if args.with_comms:
         schedule = add_send_recv(schedule)
-    result = simulate(schedule, costs)
+    if policy is not None:
+        try:
+            schedule, _, result = apply_offload(schedule, policy, costs)
+        except ValueError as exc:
+            return _error(_as_flags(str(exc)))
+    else:
+        result = simulate(schedule, costs)
     info = summary(result, args.memory_limit)
     if args.plot is not None:
         from .plot import plot_timeline
@@ -165,6 +203,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _offload_policy(args: argparse.Namespace) -> OffloadPolicy:
+    chunks = None
+    if args.offload_chunks is not None:
+        try:
+            chunks = tuple(int(c) for c in args.offload_chunks.split(",") if c.strip())
+        except ValueError:
+            raise ValueError(f"--offload-chunks={args.offload_chunks!r}: expected local chunk indices such as "
+                             "0 or 0,1") from None
+        if not chunks:
+            raise ValueError(f"--offload-chunks={args.offload_chunks!r}: expected local chunk indices such as 0,1")
+    return OffloadPolicy(args.activation_offload, fraction=args.offload_fraction, chunks=chunks,
+                         bandwidth_gbps=args.offload_bandwidth, unit_bytes=args.activation_bytes,
+                         time_unit_s=args.time_unit_s)
+
+
+_OFFLOAD_OPTIONS = ("activation_offload", "offload_fraction", "offload_chunks", "offload_bandwidth",
+                    "activation_bytes", "time_unit_s")
+
+
+def _as_flags(message: str) -> str:
+    """Offload errors name config options (``offload_fraction=1.5``); here they name the flags."""
+    return re.sub(r"\b(" + "|".join(_OFFLOAD_OPTIONS) + r")\b", lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
 def _print_table(info: dict[str, Any]) -> None:
     print(f"schedule            {info['schedule']}" + (f" ({info['chosen']})" if "chosen" in info else ""))
     print(f"pp x microbatches   {info['pp']} x {info['microbatches']}, {info['chunks_per_rank']} chunk(s) per device")
@@ -172,6 +234,11 @@ def _print_table(info: dict[str, Any]) -> None:
     print(f"bubble_rate         {info['bubble_rate']:.4%}")
     print(f"steady_bubble_rate  {info['steady_bubble_rate']:.4%}")
     print(f"peak_activation     {', '.join(f'{x:g}' for x in info['peak_activation'])}")
+    if "activation_offload" in info:
+        print(f"activation_offload  {info['activation_offload']['mode']}: {info['offloaded_units']} units, "
+              f"added makespan {info['added_makespan']:.6g} ({info['added_makespan_rel']:.4%}), "
+              f"not hidden {sum(len(u) for u in info['not_hidden'])}")
+        print(f"peak (no offload)   {', '.join(f'{x:g}' for x in info['peak_activation_no_offload'])}")
     if "fits_memory_limit" in info:
         print(f"memory_limit        {info['memory_limit']:g} ({'fits' if info['fits_memory_limit'] else 'EXCEEDED'})")
     for key in ("plot", "dump_schedule"):

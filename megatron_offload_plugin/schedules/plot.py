@@ -3,7 +3,10 @@
 One row per device (device 0 on top), time to the right; each compute action
 is a box coloured by kind (F, B, W, BW; a model chunk's second half of a V
 or interleaved placement in a darker shade) with its microbatch number inside.
-White is idle.  An optional lower panel draws each device's activation memory.
+White is idle.  When the schedule offloads activations, two thin bars under
+each device row show its copy channels: OFFLOAD (device to host) above RELOAD
+(host to device).  An optional lower panel draws each device's activation
+memory (with offload, if any).
 Uses matplotlib's Agg backend (no display needed).
 """
 
@@ -21,6 +24,7 @@ COLORS: dict[Kind, tuple[str, str]] = {
     Kind.W: ("#fff2cc", "#f1c232"),
     Kind.BW: ("#f4cccc", "#e06666"),
 }
+COPY_COLORS: dict[Kind, str] = {Kind.OFFLOAD: "#8e7cc3", Kind.RELOAD: "#c27ba0"}
 
 
 def _blend(a: str, b: str, x: float) -> str:
@@ -57,10 +61,18 @@ def plot_timeline(result: SimulationResult, path: str | Path, *, title: str | No
     for e in boxes:  # one bar collection per (device, colour): thousands of boxes stay fast
         colour = color_of(e.action.kind, e.action.chunk, chunks)
         groups.setdefault((e.rank, colour), []).append((e.start, e.end - e.start))
+    copies = [e for e in result.timeline if e.action.is_offload]
+    box_y, box_h = (0.3, 0.65) if copies else (0.05, 0.9)  # with copies, leave room for the channel bars
     for (rank, colour), spans in groups.items():
-        ax.broken_barh(spans, (p - 1 - rank + 0.05, 0.9), facecolors=colour, edgecolors="#444444", linewidth=0.4)
+        ax.broken_barh(spans, (p - 1 - rank + box_y, box_h), facecolors=colour, edgecolors="#444444", linewidth=0.4)
+    lanes: dict[tuple[int, Kind], list[tuple[float, float]]] = {}
+    for e in copies:
+        lanes.setdefault((e.rank, e.action.kind), []).append((e.start, e.end - e.start))
+    for (rank, kind), spans in lanes.items():
+        y = p - 1 - rank + (0.165 if kind is Kind.OFFLOAD else 0.04)
+        ax.broken_barh(spans, (y, 0.1), facecolors=COPY_COLORS[kind], edgecolors="#444444", linewidth=0.2)
     for e in boxes:
-        y = p - 1 - e.rank
+        y = p - 1 - e.rank + (box_y + box_h / 2 - 0.5)
         box_px = (e.end - e.start) * pixels_per_unit
         label = str(e.action.microbatch)
         if box_px >= 5.5 * len(label):
@@ -73,12 +85,16 @@ def plot_timeline(result: SimulationResult, path: str | Path, *, title: str | No
     ax.set_xlabel("time")
     kinds = sorted({e.action.kind for e in boxes}, key=lambda k: list(COLORS).index(k))
     handles = [Patch(facecolor=color_of(k, chunks - 1, chunks), edgecolor="#444444", label=k.value) for k in kinds]
+    handles += [Patch(facecolor=COPY_COLORS[k], edgecolor="#444444", label=f"{k.value} ({'D2H' if k is Kind.OFFLOAD else 'H2D'})")
+                for k in COPY_COLORS if any(e.action.kind is k for e in copies)]
     ax.legend(handles=handles, loc="upper right", bbox_to_anchor=(1.0, 1.0 + 0.9 / max(p, 2)), ncol=len(handles),
               fontsize=8, frameon=False)
     heading = title or (
         f"{schedule.name or 'schedule'}: pp={p}, microbatches={schedule.microbatches}, chunks/rank={chunks}; "
         f"makespan {result.makespan:.4g}, bubble {result.bubble_rate:.2%} "
         f"(steady {result.steady_bubble_rate:.2%}), peak activation {max(result.peak_activation):.3g}"
+        + (f" (no offload {max(result.offload.peak_activation_no_offload):.3g}; {result.offload.offloaded_units} units "
+           f"offloaded, makespan +{result.offload.added_makespan_rel:.2%})" if result.offload is not None else "")
     )
     ax.set_title(heading, fontsize=9, loc="left")
     if memory:
