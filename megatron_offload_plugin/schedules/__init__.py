@@ -1,7 +1,8 @@
 """Pipeline schedules as data: IR, generators, lowering passes, validator, simulator.
 
 Flow: a generator (``generate('zb-v', pp=4, microbatches=16)``) emits per-rank
-compute actions; passes (``add_send_recv``) add communication; ``validate``
+compute actions; passes (``add_send_recv``) add communication and
+(``insert_offload_actions``, planned by ``plan_offload``) activation offload; ``validate``
 proves the schedule complete and deadlock-free; ``simulate`` times it under a
 ``CostModel``; ``plot_timeline`` draws it.  Torch-free: nothing here imports
 torch or Megatron.
@@ -22,9 +23,10 @@ from .generators import (
     get_generator,
     register_schedule,
 )
-from .ir import Action, Kind, Placement, Schedule, parse_actions, schedule_from_dict
+from .ir import OFFLOAD_KINDS, Action, Kind, Placement, Schedule, parse_actions, schedule_from_dict
+from .offload import OffloadPlan, OffloadPolicy, apply_offload, insert_offload_actions, plan_offload
 from .passes import add_send_recv, remove_comms, split_backward
-from .simulator import SimulationResult, TimelineEntry, simulate
+from .simulator import OffloadReport, SimulationResult, TimelineEntry, simulate
 from .validate import ScheduleError, validate
 
 __all__ = [
@@ -32,6 +34,10 @@ __all__ = [
     "CostModel",
     "Kind",
     "Need",
+    "OFFLOAD_KINDS",
+    "OffloadPlan",
+    "OffloadPolicy",
+    "OffloadReport",
     "Placement",
     "Schedule",
     "ScheduleError",
@@ -40,11 +46,14 @@ __all__ = [
     "SimulationResult",
     "TimelineEntry",
     "add_send_recv",
+    "apply_offload",
     "available_schedules",
     "describe_schedules",
     "generate",
     "get_generator",
+    "insert_offload_actions",
     "parse_actions",
+    "plan_offload",
     "plot_timeline",
     "register_schedule",
     "remove_comms",
