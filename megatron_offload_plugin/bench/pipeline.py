@@ -4,7 +4,10 @@ Every run trains the same small GPT (same seed, same data, weights set from each
 parameter's global name so that every pipeline layout computes the same function,
 dropout off so that reordered forwards draw no different masks) over gloo on this
 machine or NCCL on GPUs.  Megatron's own schedule on the same layout is the
-reference for ``max_rel_grad_diff_vs_megatron``.
+reference for ``max_rel_grad_diff_vs_megatron``; with ``--activation-offload``,
+each schedule also runs with every offload policy listed, and the same schedule
+without offload is the reference for ``max_rel_grad_diff_vs_no_offload`` (and
+``bitwise_equal_vs_no_offload``: losses and every gradient).
 """
 
 from __future__ import annotations
@@ -66,11 +69,21 @@ def _run_one(recipe: GPTRecipe, iterations: int) -> dict[str, Any]:
         "bubbles": [r.measured_bubble_rate for r in results],
         "grads": grads,
         "peaks": trainer.summary.peak_activation_bytes_per_stage,
+        "offload": trainer.summary.offload_figures(),
     }
 
 
+def _offload_section(mode: str, args: dict[str, Any]) -> dict[str, Any]:
+    section: dict[str, Any] = {"mode": mode, "min_tensor_bytes": args["offload_min_tensor_bytes"]}
+    if mode == "selective" and args.get("offload_fraction") is not None:
+        section["fraction"] = args["offload_fraction"]
+    if mode == "selective" and args.get("offload_chunks") is not None:
+        section["chunks"] = args["offload_chunks"]
+    return section
+
+
 def bench_worker(rank: int, world_size: int, args: dict[str, Any]) -> list[dict[str, Any]]:
-    """Runs every schedule on this rank; returns per-schedule raw figures (run_distributed target)."""
+    """Runs every (schedule, offload policy) on this rank; returns raw figures (run_distributed target)."""
     from .. import plugin as plugin_api
 
     raw = []
@@ -80,14 +93,19 @@ def bench_worker(rank: int, world_size: int, args: dict[str, Any]) -> list[dict[
         recipe.validate(world_size)
         # V layouts compute the same function as Megatron's 1F1B (weights set by global name).
         reference_name = "interleaved-megatron" if chunks > 1 and name not in V_SCHEDULES else "megatron"
-        plugin_api.apply({"schedule": {"pipeline_schedule": plugin_schedule}, "telemetry": {"log_patches": False}})
-        try:
-            run = _run_one(recipe, args["iterations"])
-        finally:
-            plugin_api.revert()
-        run["name"], run["reference"] = name, reference_name
-        raw.append(run)
-    by_name = {r["name"]: r for r in raw}
+        for mode in args["activation_offload"]:
+            config: dict[str, Any] = {"schedule": {"pipeline_schedule": plugin_schedule},
+                                      "telemetry": {"log_patches": False}}
+            if mode != "none":
+                config["activation_offload"] = _offload_section(mode, args)
+            plugin_api.apply(config)
+            try:
+                run = _run_one(recipe, args["iterations"])
+            finally:
+                plugin_api.revert()
+            run["name"], run["mode"], run["reference"] = name, mode, reference_name
+            raw.append(run)
+    by_name = {r["name"]: r for r in raw if r["mode"] == "none"}
     for run in raw:
         if run["reference"] not in by_name:
             plugin_api.apply({"telemetry": {"log_patches": False}})
@@ -96,21 +114,27 @@ def bench_worker(rank: int, world_size: int, args: dict[str, Any]) -> list[dict[
             finally:
                 plugin_api.revert()
             by_name[run["reference"]] = ref_run
-    for run in by_name.values():
+    for run in [*raw, *[r for k, r in by_name.items() if k not in args["schedules"]]]:
         # Layouts place parameters on different ranks: compare whole models by global name.
         gathered: list[Any] = [None] * world_size
         torch.distributed.all_gather_object(gathered, run["grads"])
         run["grads"] = {k: v for part in gathered for k, v in part.items()}
     for run in raw:
-        ref = by_name[run["reference"]]
-        diffs = [
-            ((run["grads"][k] - g).abs().max() / g.abs().max().clamp_min(1e-30)).item()
-            for k, g in ref["grads"].items()
-        ]
-        run["max_rel_grad_diff_vs_megatron"] = max(diffs) if diffs else 0.0
+        run["max_rel_grad_diff_vs_megatron"] = _max_rel_diff(run["grads"], by_name[run["reference"]]["grads"])
+        no_offload = by_name.get(run["name"])
+        if no_offload is not None:
+            run["max_rel_grad_diff_vs_no_offload"] = _max_rel_diff(run["grads"], no_offload["grads"])
+            run["bitwise_equal_vs_no_offload"] = run["losses"] == no_offload["losses"] and all(
+                torch.equal(run["grads"][k], g) for k, g in no_offload["grads"].items()
+            )
     for run in raw:
         run.pop("grads", None)
     return raw
+
+
+def _max_rel_diff(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    diffs = [((grads[k] - g).abs().max() / g.abs().max().clamp_min(1e-30)).item() for k, g in reference.items()]
+    return max(diffs) if diffs else 0.0
 
 
 def summarize(per_rank: list[list[dict[str, Any]]], args: dict[str, Any]) -> dict[str, Any]:
@@ -119,15 +143,25 @@ def summarize(per_rank: list[list[dict[str, Any]]], args: dict[str, Any]) -> dic
     for i, run in enumerate(last):
         times = run["times"][1:] or run["times"]
         bubbles = [b for b in run["bubbles"] if b is not None]
-        runs.append({
+        offload = run["offload"] or {}
+        entry = {
             "schedule": run["name"],
+            "activation_offload": run["mode"],
             "losses": run["losses"],
             "max_rel_grad_diff_vs_megatron": max(r[i]["max_rel_grad_diff_vs_megatron"] for r in per_rank),
             "peak_activation_bytes": run["peaks"],
+            "max_peak_activation_bytes": max(run["peaks"]) if run["peaks"] else None,
+            "offloaded_bytes": offload.get("offloaded_bytes_per_iteration", [0] * len(run["peaks"])),
+            "host_pool_bytes": offload.get("host_pool_bytes", [0] * len(run["peaks"])),
             "measured_bubble_rate": sum(bubbles) / len(bubbles) if bubbles else None,
             "iteration_time_s": sum(times) / len(times),
-        })
-    return {"pp": args["pp"], "microbatches": args["microbatches"], "iterations": args["iterations"],
+        }
+        if "max_rel_grad_diff_vs_no_offload" in run:
+            entry["max_rel_grad_diff_vs_no_offload"] = max(r[i]["max_rel_grad_diff_vs_no_offload"] for r in per_rank)
+            entry["bitwise_equal_vs_no_offload"] = all(r[i]["bitwise_equal_vs_no_offload"] for r in per_rank)
+        runs.append(entry)
+    return {"pp": args["pp"], "vpp": args["vpp"], "microbatches": args["microbatches"], "iterations": args["iterations"],
+            "layers": args["layers"], "hidden": args["hidden"], "seq": args["seq"],
             "device": "cuda" if torch.cuda.is_available() else "cpu", "runs": runs}
 
 
@@ -139,11 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedules", default="1f1b,interleaved,zb-h1,zb-v",
                    help="comma-separated; accepted: " + ", ".join(SCHEDULES)
                    + " ('megatron' and 'interleaved-megatron' are Megatron-core's own functions)")
+    p.add_argument("--vpp", type=int, default=2, choices=[2],
+                   help="model chunks per rank for interleaved and V schedules (V needs 2)")
+    p.add_argument("--activation-offload", default="none",
+                   help="comma-separated offload policies run for every schedule; accepted: none, selective, full "
+                   "('none' is added as the reference when missing)")
+    p.add_argument("--offload-fraction", type=float, default=None, help="'selective': share of units (default 0.5)")
+    p.add_argument("--offload-chunks", default=None, help="'selective': offload the units of these local chunks (e.g. 0)")
+    p.add_argument("--offload-min-tensor-bytes", type=int, default=65536,
+                   help="saved storages smaller than this stay on the device")
     p.add_argument("--iterations", type=int, default=3, help="training iterations per schedule")
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--seq", type=int, default=256)
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds before the run is stopped")
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     return p
@@ -159,7 +202,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench pipeline: --schedules: unknown {', '.join(unknown)}; accepted: {', '.join(SCHEDULES)}",
               file=sys.stderr)
         return 2
-    args = dict(vars(ns), schedules=schedules)
+    modes = [m.strip() for m in ns.activation_offload.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("none", "selective", "full")]
+    if bad:
+        print(f"bench pipeline: --activation-offload: unknown {', '.join(bad)}; accepted: none, selective, full",
+              file=sys.stderr)
+        return 2
+    if "none" not in modes:
+        modes.insert(0, "none")
+    args = dict(vars(ns), schedules=schedules, activation_offload=modes)
     start = time.perf_counter()
     per_rank = run_distributed(bench_worker, ns.pp, args, timeout_s=ns.timeout)
     result = summarize(per_rank, args)

@@ -119,10 +119,14 @@ class ActivationOffloadConfig(_FrozenModel):
         description="Bound on the reusable (pinned on GPU) host buffer pool, in bytes (unset: no bound).",
         json_schema_extra={"flag": "--offload-host-pool-bytes"},
     )
-    reload_lead: int = Field(
-        1,
+    reload_lead: int | None = Field(
+        None,
         ge=0,
-        description="How many compute actions ahead of a unit's backward its reload is launched.",
+        description=(
+            "How many compute actions ahead of a unit's backward its reload is launched (unset: 1 on a "
+            "GPU, where the copy overlaps that action; 0 on a CPU, where copies are synchronous and a "
+            "lead would only hold the unit longer)."
+        ),
         json_schema_extra={"flag": "--offload-reload-lead"},
     )
     checkpoint_offload: bool = Field(

@@ -44,6 +44,13 @@ class ActivationOffload:
             self._engine.set_exclude(params)
         return self._engine
 
+    @property
+    def reload_lead(self) -> int:
+        """Compute actions between a RELOAD and its backward (see ``--offload-reload-lead``)."""
+        if self.config.reload_lead is not None:
+            return self.config.reload_lead
+        return 1 if torch.cuda.is_available() else 0
+
     def policy(self) -> Any:
         """The schedule pass's :class:`~megatron_offload_plugin.schedules.offload.OffloadPolicy`."""
         from ..schedules.offload import OffloadPolicy

@@ -66,7 +66,7 @@ def _view(flat: torch.Tensor, dtype: torch.dtype, size: torch.Size, stride: tupl
 class _Storage:
     """One device storage of a unit: resident (``flat`` set) or on the host (``host`` set)."""
 
-    __slots__ = ("unit", "nbytes", "flat", "accounting", "counted", "host", "d2h", "h2d", "released")
+    __slots__ = ("unit", "nbytes", "flat", "accounting", "counted", "host", "d2h", "h2d", "released", "live")
 
     def __init__(self, unit: "_Unit", flat: torch.Tensor, accounting: Any, counted: bool) -> None:
         self.unit = unit
@@ -78,6 +78,7 @@ class _Storage:
         self.d2h: Ticket | None = None
         self.h2d: Ticket | None = None
         self.released = False
+        self.live = 0  # packed handles autograd still holds (0: nothing will read it again)
 
 
 class _Saved:
@@ -86,11 +87,17 @@ class _Saved:
     __slots__ = ("storage", "dtype", "size", "stride", "offset")
 
     def __init__(self, storage: _Storage, t: torch.Tensor) -> None:
+        storage.live += 1
         self.storage = storage
         self.dtype = t.dtype
         self.size = t.size()
         self.stride = t.stride()
         self.offset = t.storage_offset()
+
+    def __del__(self) -> None:
+        storage = getattr(self, "storage", None)
+        if storage is not None:
+            storage.live -= 1
 
 
 class _Kept:
@@ -262,8 +269,15 @@ class OffloadEngine:
             if record.state == "offloaded":
                 raise OffloadStateError(f"offload unit {unit!r} is already offloaded")
             moved = 0
+            held_storages = {id(h.storage) for h in record.held}
             for storage in record.storages:
                 if storage.flat is None:
+                    continue
+                if storage.live == 0 and id(storage) not in held_storages:
+                    # Saved and already dropped (a recompute inside backward): nothing to keep.
+                    self._resident_by_key.pop(_storage_key(storage.flat), None)
+                    storage.flat = storage.accounting = None
+                    storage.released = True
                     continue
                 host = self.pool.acquire(storage.nbytes)
                 ticket = self.copies.d2h(storage.flat, host)

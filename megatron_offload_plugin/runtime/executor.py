@@ -161,10 +161,15 @@ def run_program(
     last_finalizing = _grad_finalizing_steps(program) if not forward_only else {}
     finalizing = dict(last_finalizing)
     offloaded_units = {(s.chunk, s.microbatch) for s in program if s.kind is Kind.OFFLOAD}
+    # What W keeps between B and W moves to the host for the offloaded units, and with 'full'
+    # for every unit (also those whose B follows their F at once, e.g. the last stage's).
+    w_offload_units = {(s.chunk, s.microbatch) for s in program if s.kind is Kind.B} if (
+        offload is not None and offload.config.mode == "full") else offloaded_units
     engine = None
-    if offload is not None and not forward_only and (offloaded_units or offload.regions is not None):
+    if offload is not None and not forward_only and (w_offload_units or offload.regions is not None):
         engine = offload.engine(p for chunk in chunks for p in chunk.parameters())
     regions = offload.regions if offload is not None else None
+    w_offloaded: set[tuple[int, int]] = set()  # units whose W inputs wait on the host
 
     no_sync = config.no_sync_func
     no_sync_list = no_sync if isinstance(no_sync, list) else None
@@ -260,19 +265,41 @@ def run_program(
         if not placement.is_last(stage):
             src, _ = placement.locate(stage + 1)
             grad = mailbox.recv(src, ("grad", stage, m))
-        if engine is not None and (c, m) in offloaded_units:
+        offloaded = engine is not None and (c, m) in offloaded_units
+        if offloaded:
             engine.ensure_resident((c, m))
-        capture = store.capture((c, m)) if step.kind is Kind.B else contextlib.nullcontext()
-        with capture:
+        with contextlib.ExitStack() as scope:
+            offload_w = step.kind is Kind.B and engine is not None and (c, m) in w_offload_units
+            if step.kind is Kind.B:
+                scope.enter_context(store.capture((c, m)))
+                if offload_w:  # what W keeps (layer inputs, output grads) waits on the host too
+                    scope.enter_context(engine.capture(("W", c, m)))
             input_grad = backward_step(input_tensor, output_tensor, grad, config)
-        if engine is not None and (c, m) in offloaded_units:
+        if offloaded:
             engine.release((c, m))
+        if offload_w:
+            engine.offload(("W", c, m))
+            w_offloaded.add((c, m))
         if not placement.is_first(stage):
             dst, _ = placement.locate(stage - 1)
             mailbox.send(dst, ("grad", stage - 1, m), input_grad)
 
     def do_weight(step: Step) -> None:
-        store.run((step.chunk, step.microbatch))
+        unit = (step.chunk, step.microbatch)
+        if unit in w_offloaded:
+            engine.ensure_resident(("W", *unit))
+        store.run(unit)
+        if unit in w_offloaded:
+            w_offloaded.discard(unit)
+            engine.release(("W", *unit))
+
+    def prefetch_weight_inputs(index: int) -> None:
+        """Reload a W's kept tensors one compute action ahead of it."""
+        following = next((s for s in program[index + 1:] if s.is_compute), None)
+        if following is not None and following.kind is Kind.W and (following.chunk, following.microbatch) in w_offloaded:
+            key = ("W", following.chunk, following.microbatch)
+            if engine.is_offloaded(key):
+                engine.reload(key)
 
     def do_offload(step: Step) -> None:
         if engine is not None and not forward_only:
@@ -297,6 +324,8 @@ def run_program(
                 continue
             if finalizing.get(step.chunk) == index:
                 enable_grad_sync(step.chunk)
+            if w_offloaded and offload.reload_lead > 0:
+                prefetch_weight_inputs(index)
             start = time.perf_counter()
             with torch.profiler.record_function(f"PP:{step}"):
                 handlers[step.kind](step)

@@ -83,7 +83,7 @@ def _runnable(schedule: Any, offload: Any = None) -> tuple[Any, dict[int, list[S
         from ..schedules.offload import insert_offload_actions, plan_offload
 
         plan = plan_offload(schedule, offload.policy())
-        schedule = insert_offload_actions(schedule, plan, reload_lead=offload.config.reload_lead)
+        schedule = insert_offload_actions(schedule, plan, reload_lead=offload.reload_lead)
     keep = (Kind.F, Kind.B, Kind.W, Kind.BW, Kind.OFFLOAD, Kind.RELOAD)
     return schedule.placement, {r: [a for a in schedule.ranks[r] if a.kind in keep] for r in range(schedule.pp)}
 
