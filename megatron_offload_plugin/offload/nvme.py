@@ -221,6 +221,12 @@ class SwapFolder:
 # ------------------------------------------------------------------ swapper
 
 
+def _finish_pending(handle: Any, pending: list[Any]) -> None:
+    if pending:
+        pending.clear()
+        handle.wait()
+
+
 @dataclass
 class _Pending:
     op: str  # "write" | "read"
@@ -229,6 +235,7 @@ class _Pending:
     nbytes: int
     bounce: torch.Tensor
     out: torch.Tensor | None = None
+    caller_buffer: bool = False  # a buffer from AioSwapper.buffer(): the caller keeps it, no copy, no recycling
 
 
 def _byte_view(t: torch.Tensor) -> torch.Tensor:
@@ -252,10 +259,14 @@ class AioSwapper:
                                      kwargs["overlap_events"], kwargs["intra_op_parallelism"])
         self._quantum = ALIGNMENT * kwargs["intra_op_parallelism"]  # aio refuses sizes not divisible by this
         self._sizes: dict[str, int] = {}  # key -> logical byte size of the last completed write
-        self._pending: list[_Pending] = []
+        self._pending: list[_Pending] = []  # mutated in place: the exit finalizer below reads it
+        # A handle destroyed with transfers queued aborts the process (C assert): finish them at exit.
+        self._exit_finalizer = weakref.finalize(self, _finish_pending, self._handle, self._pending)
         self._free: dict[int, list[torch.Tensor]] = {}  # padded size -> reusable locked bounce buffers
         self.bytes_written = 0
         self.bytes_read = 0
+        self.locked_bytes = 0  # page-locked buffers allocated and not freed (in use + free pool)
+        self.max_locked_bytes: int | None = None  # above this, released buffers are freed, not pooled (None: no cap)
 
     # -- buffers
     def _padded(self, nbytes: int) -> int:
@@ -265,10 +276,77 @@ class AioSwapper:
         free = self._free.get(size)
         if free:
             return free.pop()
-        return self._handle.new_cpu_locked_tensor(size, torch.empty(0, dtype=torch.uint8))
+        if self.max_locked_bytes is not None:  # make room: drop pooled buffers of other sizes first
+            for other in list(self._free):
+                while self._free[other] and self.locked_bytes + size > self.max_locked_bytes:
+                    self._handle.free_cpu_locked_tensor(self._free[other].pop())
+                    self.locked_bytes -= other
+        buf = self._handle.new_cpu_locked_tensor(size, torch.empty(0, dtype=torch.uint8))
+        self.locked_bytes += size
+        return buf
 
     def _recycle(self, buf: torch.Tensor) -> None:
+        if self.max_locked_bytes is not None and self.locked_bytes > self.max_locked_bytes:
+            self._handle.free_cpu_locked_tensor(buf)
+            self.locked_bytes -= buf.numel()
+            return
         self._free.setdefault(buf.numel(), []).append(buf)
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(size * len(bufs) for size, bufs in self._free.items())
+
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        """A page-locked uint8 buffer padded for aio, for :meth:`write_buffer` / :meth:`read_buffer` without copies.
+
+        The caller owns it until :meth:`release_buffer`; ``buffer[:nbytes]`` is the payload.
+        """
+        self._check_open()
+        return self._bounce(self._padded(nbytes))
+
+    def release_buffer(self, buf: torch.Tensor) -> None:
+        """Give back a buffer from :meth:`buffer` (it must not be part of a pending transfer)."""
+        if any(p.bounce is buf for p in self._pending):
+            raise NvmeIOError(errno.EBUSY, "buffer is part of a pending transfer; call wait() first")
+        if self._handle is not None:
+            self._recycle(buf)
+
+    def write_buffer(self, key: str, buf: torch.Tensor, nbytes: int) -> None:
+        """Queue writing ``buf[:nbytes]`` (``buf`` from :meth:`buffer`) without a copy; leave ``buf`` alone until wait()."""
+        self._check_open()
+        self._check_buffer(key, buf, nbytes)
+        if any(p.key == key for p in self._pending):
+            raise NvmeIOError(errno.EBUSY, f"swap '{key}': a transfer of this key is still pending; call wait() first")
+        path = self.folder.file(key)
+        self.folder.check_file(key)
+        self._check_space(path, buf.numel())
+        self._submit(_Pending("write", key, path, nbytes, buf, caller_buffer=True))
+
+    def read_buffer(self, key: str, buf: torch.Tensor) -> None:
+        """Queue reading ``key`` into ``buf`` (from :meth:`buffer`, at least its padded size) without a copy."""
+        self._check_open()
+        if key not in self._sizes:
+            raise KeyError(f"swap read '{key}': nothing was written under this key (or its write was not waited for)")
+        nbytes = self._sizes[key]
+        self._check_buffer(key, buf, nbytes)
+        path = self.folder.check_file(key)
+        size = buf.numel()
+        on_disk = self._disk_size(path)
+        if on_disk < size:
+            raise NvmeIOError(errno.EIO, f"short swap file {path}: {on_disk} bytes on disk, {size} expected")
+        self._submit(_Pending("read", key, path, nbytes, buf, caller_buffer=True))
+
+    def _check_buffer(self, key: str, buf: torch.Tensor, nbytes: int) -> None:
+        if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() % self._quantum or buf.numel() < nbytes:
+            raise ValueError(f"swap '{key}': the buffer must come from AioSwapper.buffer({nbytes}) "
+                             f"(uint8, padded to {self._quantum} bytes)")
+
+    def _check_space(self, path: Path, size: int) -> None:
+        need = size - min(size, self._disk_size(path))
+        free = shutil.disk_usage(self.folder.path).free
+        if need > free:
+            raise NvmeIOError(errno.ENOSPC, f"disk full: writing {size} bytes to {path} needs {need} more bytes, "
+                                            f"{free} free on that file system")
 
     # -- I/O
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -282,11 +360,7 @@ class AioSwapper:
         size = self._padded(nbytes)
         path = self.folder.file(key)
         self.folder.check_file(key)
-        need = size - min(size, self._disk_size(path))
-        free = shutil.disk_usage(self.folder.path).free
-        if need > free:
-            raise NvmeIOError(errno.ENOSPC, f"disk full: writing {size} bytes to {path} needs {need} more bytes, "
-                                            f"{free} free on that file system")
+        self._check_space(path, size)
         bounce = self._bounce(size)
         if nbytes:
             bounce[:nbytes].copy_(_byte_view(tensor.contiguous()))
@@ -314,7 +388,8 @@ class AioSwapper:
         fn = self._handle.async_pwrite if p.op == "write" else self._handle.async_pread
         rc = fn(p.bounce, str(p.path), 0)
         if rc != 0:
-            self._recycle(p.bounce)
+            if not p.caller_buffer:
+                self._recycle(p.bounce)
             raise NvmeIOError(errno.EIO, f"aio {p.op} of {p.bounce.numel()} bytes ({p.nbytes} unpadded) "
                                          f"{'to' if p.op == 'write' else 'from'} {p.path} was refused (returned {rc})")
         self._pending.append(p)
@@ -327,7 +402,8 @@ class AioSwapper:
         """Complete every queued transfer; raise :class:`NvmeIOError` for any that failed (no-op when idle)."""
         if not self._pending:
             return  # aio_handle.wait() with nothing pending aborts the process
-        pending, self._pending = self._pending, []
+        pending = list(self._pending)
+        self._pending.clear()
         done = self._handle.wait()
         errors: list[str] = []
         if done != len(pending):
@@ -343,11 +419,11 @@ class AioSwapper:
                     self._sizes[p.key] = p.nbytes
                     self.bytes_written += size
             else:
-                assert p.out is not None
-                if p.nbytes:
+                if p.out is not None and p.nbytes:
                     _byte_view(p.out).copy_(p.bounce[:p.nbytes])
                 self.bytes_read += size
-            self._recycle(p.bounce)
+            if not p.caller_buffer:
+                self._recycle(p.bounce)
         if errors:
             raise NvmeIOError(errno.EIO, "; ".join(errors))
 
@@ -398,7 +474,9 @@ class AioSwapper:
             for bufs in self._free.values():
                 for buf in bufs:
                     self._handle.free_cpu_locked_tensor(buf)
+                    self.locked_bytes -= buf.numel()
             self._free.clear()
+            self._exit_finalizer.detach()
             self._handle = None
 
     def __enter__(self) -> "AioSwapper":

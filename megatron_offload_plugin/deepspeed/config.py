@@ -1,0 +1,235 @@
+"""The ``"layerwise_offload"`` top-level section of a DeepSpeed JSON config.
+
+This module is the one place the section's keys, defaults and meanings live
+(the ``description`` of each field).  Example::
+
+    "layerwise_offload": {
+      "optimizer_states": {"device": "nvme", "nvme_path": "/local_nvme",
+                           "prefetch_layers": 2, "overlap_with_backward": false},
+      "activations":      {"device": "none"},
+      "aio": {"block_size": 1048576, "queue_depth": 8}
+    }
+
+Validation is strict: an unknown key at any level fails naming the closest
+valid key and all accepted keys (:func:`parse_section`), and settings that
+contradict the rest of the DeepSpeed config fail with the fix
+(:func:`check_conflicts`).  DeepSpeed itself keeps unknown top-level sections
+without reading them, so nothing else looks at this section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..config.loading import closest
+from ..offload.nvme import AIO_KEYS, aio_handle_kwargs
+
+SECTION = "layerwise_offload"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptimizerStatesConfig(_Strict):
+    """Where optimizer states live between steps, and how the step walks the layers."""
+
+    device: Literal["none", "cpu", "nvme"] = Field(
+        "none",
+        description=(
+            "Tier for the optimizer states (Adam's exp_avg/exp_avg_sq, ...) of every layer between steps. "
+            "'none': DeepSpeed keeps them as usual. 'cpu': host memory. 'nvme': files under nvme_path "
+            "through DeepSpeed's async I/O (works at ZeRO 0, 1 and 2, where DeepSpeed itself only swaps at ZeRO-3)."
+        ),
+    )
+    nvme_path: str | None = Field(
+        None,
+        description=(
+            "With device='nvme': an existing writable directory on the NVMe drive. A private folder "
+            "(0700, files 0600) is made under it per run and removed at exit."
+        ),
+    )
+    prefetch_layers: int = Field(
+        2,
+        ge=0,
+        description=(
+            "Layers whose states are fetched ahead of the one being stepped. Resident optimizer-state "
+            "memory stays at most (prefetch_layers + 2) layers' worth."
+        ),
+    )
+    overlap_with_backward: bool = Field(
+        False,
+        description=(
+            "Step each layer as soon as its gradients are final in the backward of the "
+            "gradient-accumulation boundary, instead of after the whole backward. "
+            "ZeRO stage 0 with fp32 or bf16 at data-parallel size 1; with gradient clipping the early "
+            "step is speculative and is redone for every layer when the global norm turns out above the "
+            "clip (see megatron_offload_plugin.deepspeed.overlap)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _nvme_path_only_with_nvme(self) -> "OptimizerStatesConfig":
+        if self.device == "nvme" and not self.nvme_path:
+            raise ValueError("optimizer_states.device='nvme' needs optimizer_states.nvme_path (a directory on the NVMe drive)")
+        if self.device != "nvme" and self.nvme_path:
+            raise ValueError(f"optimizer_states.nvme_path is only used with device='nvme' (device={self.device!r}); "
+                             "remove it or set device='nvme'")
+        return self
+
+
+class ActivationsConfig(_Strict):
+    """Layer-wise activation offload (hook point: wired by the shared offload engine)."""
+
+    device: Literal["none", "cpu", "nvme"] = Field(
+        "none",
+        description=("Tier for saved-for-backward tensors of the selected modules during forward; prefetched "
+                     "in reverse layer order during backward, bitwise lossless. 'none' leaves activations alone."),
+    )
+    nvme_path: str | None = Field(None, description="With device='nvme': an existing writable directory.")
+    min_tensor_bytes: int = Field(
+        1048576, ge=0, description="Saved tensors smaller than this stay in memory (offload costs more than it saves)."
+    )
+    modules: Literal["all"] | list[str] = Field(
+        "all",
+        description=("'all': every transformer layer (each child of the model's layer list); or a list of "
+                     "module names or glob patterns over model.named_modules() (e.g. 'layers.*.mlp')."),
+    )
+
+    @field_validator("modules")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and (not value or not all(isinstance(v, str) and v for v in value)):
+            raise ValueError("activations.modules: expected 'all' or a non-empty list of module names")
+        return value
+
+    @model_validator(mode="after")
+    def _nvme_path_only_with_nvme(self) -> "ActivationsConfig":
+        if self.device == "nvme" and not self.nvme_path:
+            raise ValueError("activations.device='nvme' needs activations.nvme_path (a directory on the NVMe drive)")
+        if self.device != "nvme" and self.nvme_path:
+            raise ValueError(f"activations.nvme_path is only used with device='nvme' (device={self.device!r})")
+        return self
+
+
+class LayerwiseOffloadConfig(_Strict):
+    """The whole ``"layerwise_offload"`` section."""
+
+    optimizer_states: OptimizerStatesConfig = Field(default_factory=OptimizerStatesConfig,
+                                                    description="Layer-wise optimizer-state offload.")
+    activations: ActivationsConfig = Field(default_factory=ActivationsConfig,
+                                           description="Layer-wise activation offload.")
+    aio: dict[str, Any] | None = Field(
+        None,
+        description=("aio_handle settings, same keys as DeepSpeed's own top-level 'aio' section "
+                     f"({', '.join(AIO_KEYS)}); DeepSpeed's section is used when this is absent."),
+    )
+
+    @field_validator("aio")
+    @classmethod
+    def _aio_keys(cls, value: Any) -> Any:
+        if value is not None:
+            aio_handle_kwargs(value)  # raises ValueError naming the key
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return self.optimizer_states.device != "none" or self.activations.device != "none"
+
+
+_SUBMODELS: dict[str, type[BaseModel]] = {"optimizer_states": OptimizerStatesConfig, "activations": ActivationsConfig}
+
+
+def defaults() -> dict[str, Any]:
+    """Every key with its default (the section as written out in full)."""
+    return LayerwiseOffloadConfig().model_dump()
+
+
+def _check_keys(data: Mapping[str, Any]) -> None:
+    top = list(LayerwiseOffloadConfig.model_fields)
+    for key, value in data.items():
+        if key not in top:
+            raise ValueError(_unknown(str(key), str(key), top))
+        if key in _SUBMODELS:
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{SECTION}.{key}: expected an object with keys {', '.join(_SUBMODELS[key].model_fields)}, "
+                                 f"got {value!r}")
+            fields = list(_SUBMODELS[key].model_fields)
+            for sub in value:
+                if sub not in fields:
+                    raise ValueError(_unknown(f"{key}.{sub}", str(sub), fields))
+        elif key == "aio" and isinstance(value, Mapping):
+            for sub in value:
+                if sub not in AIO_KEYS:
+                    raise ValueError(_unknown(f"aio.{sub}", str(sub), list(AIO_KEYS)))
+
+
+def _unknown(dotted: str, key: str, accepted: list[str]) -> str:
+    hint = closest(key, accepted)
+    return (f"{SECTION}.{dotted}: unknown key" + (f"; did you mean '{hint}'?" if hint else "")
+            + f" accepted: {', '.join(accepted)}")
+
+
+def parse_section(data: Any) -> LayerwiseOffloadConfig:
+    """Validate the section's value; ``ValueError`` with one line per problem, naming the dotted key."""
+    if data is None:
+        return LayerwiseOffloadConfig()
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{SECTION}: expected an object with keys {', '.join(LayerwiseOffloadConfig.model_fields)}, "
+                         f"got {type(data).__name__}")
+    _check_keys(data)
+    try:
+        return LayerwiseOffloadConfig.model_validate(dict(data))
+    except ValidationError as err:
+        lines = []
+        for item in err.errors():
+            loc = ".".join(str(p) for p in item["loc"])
+            msg = item["msg"].removeprefix("Value error, ")
+            value = item.get("input")
+            where = f"{SECTION}.{loc}={value!r}: " if loc and not isinstance(value, Mapping) else f"{SECTION}: "
+            lines.append(where + msg)
+        raise ValueError("\n".join(lines)) from err
+
+
+def check_conflicts(section: LayerwiseOffloadConfig, ds_config: Mapping[str, Any]) -> None:
+    """Refuse combinations with the rest of the DeepSpeed config that cannot both hold."""
+    zero = ds_config.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0)) if isinstance(zero, Mapping) else 0
+    opt = section.optimizer_states
+    if opt.device != "none":
+        off = zero.get("offload_optimizer") if isinstance(zero, Mapping) else None
+        if isinstance(off, Mapping) and off.get("device", "none") not in (None, "none"):
+            raise ValueError(
+                f"{SECTION}.optimizer_states.device={opt.device!r} and zero_optimization.offload_optimizer.device="
+                f"{off.get('device')!r} both offload the optimizer states; remove zero_optimization.offload_optimizer "
+                f"or set {SECTION}.optimizer_states.device='none'"
+            )
+        if stage == 3:
+            raise ValueError(
+                f"{SECTION}.optimizer_states with zero_optimization.stage=3: ZeRO-3 has its own optimizer swapping "
+                "(zero_optimization.offload_optimizer with device 'nvme'); use stage 0, 1 or 2 with this section"
+            )
+        if isinstance(zero, Mapping) and zero.get("elastic_checkpoint"):
+            raise ValueError(f"{SECTION}.optimizer_states with zero_optimization.elastic_checkpoint=true is not "
+                             "supported; set elastic_checkpoint to false")
+        fp16 = ds_config.get("fp16") or {}
+        if isinstance(fp16, Mapping) and fp16.get("enabled") is True:
+            raise ValueError(f"{SECTION}.optimizer_states with fp16.enabled=true is not supported yet; "
+                             "use bf16 or fp32 training")
+        if opt.overlap_with_backward and stage != 0:
+            raise ValueError(
+                f"{SECTION}.optimizer_states.overlap_with_backward=true needs zero_optimization.stage=0 "
+                f"(stage {stage}: ZeRO reduces and partitions gradients in buckets after backward, so a layer's "
+                "gradients are not final inside it); set overlap_with_backward=false or use stage 0"
+            )
+    act = section.activations
+    if act.device != "none":
+        ckpt = ds_config.get("activation_checkpointing") or {}
+        if isinstance(ckpt, Mapping) and ckpt.get("cpu_checkpointing"):
+            raise ValueError(
+                f"{SECTION}.activations.device={act.device!r} and activation_checkpointing.cpu_checkpointing=true "
+                "both move activations; keep one"
+            )

@@ -1,0 +1,499 @@
+"""Layer-wise optimizer-state offload: the states of each layer live on CPU or NVMe between steps.
+
+:class:`LayerwiseOffloadOptimizer` wraps the optimizer DeepSpeed would use anyway
+(the ``"optimizer"`` section's, or the client's), whose parameter groups were split
+one per layer (:mod:`.layers`).  DeepSpeed wraps *it* as its basic optimizer, so ZeRO-1/2
+(which already steps one group at a time), the bf16 optimizer and plain fp32 all
+run their own unscale / overflow / clipping logic first and call ``step()`` on us
+with the final gradients; the update itself is the inner optimizer's own ``step``
+on one layer's group, so the math is the engine's, bit for bit.
+
+Per layer, all state tensors with more than one element are packed into one flat
+buffer (views are handed to the inner optimizer, which updates them in place);
+scalars such as Adam's ``step`` stay in memory.  A step walks the layers:
+
+1. fetch layer *i*'s buffer (waits for its read, usually queued one step earlier);
+2. queue reads of the next ``prefetch_layers`` layers (cyclic: after the last layer
+   the first ones are fetched for the next step, overlapping forward/backward);
+3. run the inner optimizer on layer *i*'s group;
+4. hand the buffer back: queued for writing (NVMe) or kept in host memory (CPU).
+
+Resident optimizer-state memory is at most ``prefetch_layers + 2`` layers' buffers
+(the one stepped, the prefetched ones, one in flight); :attr:`resident_bytes_peak`
+measures it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+from ..offload.nvme import AioSwapper, SwapFolder
+
+logger = logging.getLogger(__name__)
+
+_ALIGN = 64  # byte alignment of each state tensor inside a layer's flat buffer
+
+
+class LayerwiseOffloadError(RuntimeError):
+    """A broken invariant of the layer-wise optimizer (a bug, not a user error)."""
+
+
+# ------------------------------------------------------------------ stores
+
+
+class CpuLayerStore:
+    """Layer buffers in host memory; on a CPU device the working buffer *is* the host buffer."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._host: dict[int, torch.Tensor] = {}
+        self._out: dict[int, int] = {}  # id(buffer) -> bytes checked out (working)
+        self.resident_bytes = 0
+        self.resident_bytes_peak = 0
+        self.stored_bytes = 0
+
+    def _account(self, delta: int) -> None:
+        self.resident_bytes += delta
+        self.resident_bytes_peak = max(self.resident_bytes_peak, self.resident_bytes)
+
+    def new(self, nbytes: int) -> torch.Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self._account(buf.numel())
+        return buf
+
+    def prefetch(self, layer: int) -> None:
+        pass  # host memory needs no read ahead here; a GPU build would start the H2D copy on a side stream
+
+    def fetch(self, layer: int) -> torch.Tensor:
+        host = self._host[layer]
+        buf = host if self.device.type == "cpu" else host.to(self.device, non_blocking=True)
+        self._account(buf.numel())
+        return buf
+
+    def store(self, layer: int, buf: torch.Tensor, nbytes: int, *, dirty: bool = True) -> None:
+        self._account(-buf.numel())
+        if self.device.type == "cpu":
+            old = self._host.get(layer)
+            self._host[layer] = buf
+        else:
+            old = None
+            host = self._host.get(layer)
+            if host is None or host.numel() != buf.numel():
+                host = torch.empty(buf.numel(), dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+                self._host[layer] = host
+            if dirty:
+                host.copy_(buf)
+        if old is not None and old is not buf:
+            self.stored_bytes -= old.numel()
+        if old is not buf:
+            self.stored_bytes += buf.numel()
+
+    def discard(self, buf: torch.Tensor) -> None:
+        self._account(-buf.numel())
+
+    def forget(self) -> None:
+        self._host.clear()
+        self.stored_bytes = 0
+
+    def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.forget()
+
+
+class NvmeLayerStore:
+    """Layer buffers in files of a private swap folder, moved by DeepSpeed's aio through locked buffers."""
+
+    def __init__(self, device: torch.device, nvme_path: str, aio_config: dict[str, Any] | None,
+                 *, cap_layers: int) -> None:
+        self.device = device
+        self.folder = SwapFolder(nvme_path, option="layerwise_offload.optimizer_states.nvme_path")
+        try:
+            self.swapper = AioSwapper(self.folder, aio_config)
+        except BaseException:
+            self.folder.close()
+            raise
+        self.cap_layers = cap_layers
+        self._reading: dict[int, torch.Tensor] = {}
+        self._ready: dict[int, torch.Tensor] = {}
+        self._writing: dict[int, torch.Tensor] = {}
+        self._max_layer = 0
+        self.resident_bytes_peak = 0
+        self.read_seconds = 0.0  # wall time spent waiting in wait() (I/O not hidden behind compute)
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.swapper.locked_bytes
+
+    def _note(self, nbytes: int) -> None:
+        self._max_layer = max(self._max_layer, self.swapper._padded(nbytes))
+        self.swapper.max_locked_bytes = self.cap_layers * self._max_layer
+        self.resident_bytes_peak = max(self.resident_bytes_peak, self.swapper.locked_bytes)
+
+    def _wait(self) -> None:
+        if not self.swapper.pending:
+            return
+        import time
+
+        t0 = time.perf_counter()
+        try:
+            self.swapper.wait()
+        finally:
+            self.read_seconds += time.perf_counter() - t0
+            self._ready.update(self._reading)
+            self._reading.clear()
+            writing, self._writing = self._writing, {}
+            for buf in writing.values():
+                self.swapper.release_buffer(buf)
+
+    @staticmethod
+    def _key(layer: int) -> str:
+        return f"layer{layer:05d}.optim"
+
+    def new(self, nbytes: int) -> torch.Tensor:
+        buf = self.swapper.buffer(nbytes)
+        self._note(nbytes)
+        return buf
+
+    def prefetch(self, layer: int) -> None:
+        if layer in self._reading or layer in self._ready:
+            return
+        if layer in self._writing:  # its newest bytes are still on their way to disk
+            self._wait()
+        key = self._key(layer)
+        buf = self.swapper.buffer(self.swapper.nbytes(key))
+        self._note(self.swapper.nbytes(key))
+        try:
+            self.swapper.read_buffer(key, buf)
+        except BaseException:
+            self.swapper.release_buffer(buf)
+            raise
+        self._reading[layer] = buf
+
+    def fetch(self, layer: int) -> torch.Tensor:
+        if layer not in self._ready:
+            self.prefetch(layer)
+            self._wait()
+        buf = self._ready.pop(layer)
+        return buf if self.device.type == "cpu" else buf.to(self.device)
+
+    def store(self, layer: int, buf: torch.Tensor, nbytes: int, *, dirty: bool = True) -> None:
+        if self.device.type != "cpu":
+            host = self.swapper.buffer(nbytes)
+            host[: buf.numel()].copy_(buf)
+            buf = host
+        if not dirty:
+            self.swapper.release_buffer(buf)
+            return
+        if self._writing:  # at most one layer in flight to disk: resident stays within prefetch + 2 layers
+            self._wait()
+        self.swapper.write_buffer(self._key(layer), buf, nbytes)
+        self._writing[layer] = buf
+        self._note(nbytes)
+
+    def discard(self, buf: torch.Tensor) -> None:
+        if self.device.type == "cpu":
+            self.swapper.release_buffer(buf)
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.swapper.nbytes_on_disk
+
+    def forget(self) -> None:
+        self._wait()
+        for buf in self._ready.values():
+            self.swapper.release_buffer(buf)
+        self._ready.clear()
+
+    def drain(self) -> None:
+        self._wait()
+
+    def close(self) -> None:
+        try:
+            self.forget()
+            self.swapper.close()
+        finally:
+            self.folder.close()
+
+
+# ------------------------------------------------------------------ layout
+
+
+@dataclass(frozen=True)
+class _Entry:
+    param: int  # index in the layer's group
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class _Layout:
+    entries: tuple[_Entry, ...]
+    nbytes: int
+
+    @staticmethod
+    def build(tensors: Iterable[tuple[int, str, torch.Tensor]]) -> "_Layout":
+        entries, off = [], 0
+        for pi, name, t in tensors:
+            n = t.numel() * t.element_size()
+            entries.append(_Entry(pi, name, t.dtype, tuple(t.shape), off, n))
+            off += -(-n // _ALIGN) * _ALIGN
+        return _Layout(tuple(entries), max(off, _ALIGN))
+
+    def spec(self) -> tuple[tuple[int, str, torch.dtype, tuple[int, ...]], ...]:
+        return tuple((e.param, e.name, e.dtype, e.shape) for e in self.entries)
+
+    def view(self, buf: torch.Tensor, e: _Entry) -> torch.Tensor:
+        return buf[e.offset: e.offset + e.nbytes].view(e.dtype).view(e.shape)
+
+
+def _is_big(v: Any) -> bool:
+    return torch.is_tensor(v) and v.numel() > 1
+
+
+# ------------------------------------------------------------------ optimizer
+
+
+class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
+    """``inner`` with its states kept per layer in ``store`` between steps.
+
+    A *unit* is what one inner step covers: the parameters of one layer inside one
+    parameter group.  With ``layer_of`` (``id(param) -> layer index``, used at ZeRO
+    stage 0) the groups stay as the user made them, so DeepSpeed's norms and
+    clipping see the same groups as without the section, and each group is split
+    into per-layer units at step time.  Without it (ZeRO-1/2, whose groups were
+    already split one per layer and flattened) each group is one unit.
+    """
+
+    def __init__(self, inner: torch.optim.Optimizer, store: CpuLayerStore | NvmeLayerStore,
+                 *, prefetch_layers: int = 2, layer_of: dict[int, int] | None = None) -> None:
+        if isinstance(inner, LayerwiseOffloadOptimizer):
+            raise TypeError("LayerwiseOffloadOptimizer cannot wrap itself")
+        state = inner.state
+        super().__init__(inner.param_groups, inner.defaults)  # the hooks and bookkeeping of torch's base class
+        self.inner = inner
+        inner.state = state
+        self._all_groups: list[dict[str, Any]] = inner.param_groups
+        self.param_groups = self._all_groups
+        self.store = store
+        self.prefetch_layers = prefetch_layers
+        self._layer_of = layer_of
+        self._layouts: dict[int, _Layout] = {}
+        self._small: dict[int, dict[tuple[int, str], Any]] = {}
+        self._index_by_id: dict[int, int] = {}
+        self._build_units()
+        self.steps_taken = 0
+        if any(inner.state.get(p) for g in self._all_groups for p in g["params"]):
+            for u in range(len(self._units)):  # a client optimizer that already holds states
+                self._pack(u, None, None)
+
+    def _build_units(self) -> None:
+        """Units as (group index, positions in the group): wrappers (ZeRO, bf16) swap the group's
+        parameters for fp32 copies or flat partitions after we are built, position for position."""
+        keyed: list[tuple[tuple[int, int], int, list[int] | None]] = []
+        for gi, g in enumerate(self._all_groups):
+            if self._layer_of is None:
+                keyed.append(((gi, 0), gi, None))  # the whole group, whatever it holds at step time
+                continue
+            split: dict[int, list[int]] = {}
+            for k, p in enumerate(g["params"]):
+                split.setdefault(self._layer_of.get(id(p), 1 << 30), []).append(k)
+            keyed.extend(((layer, gi), gi, pos) for layer, pos in split.items())
+        keyed.sort(key=lambda k: k[0])
+        self._units: list[tuple[int, list[int] | None]] = [(gi, pos) for _, gi, pos in keyed]
+        self._units_of_group: dict[int, list[int]] = {}
+        for u, (gi, _) in enumerate(self._units):
+            self._units_of_group.setdefault(gi, []).append(u)
+        self._index_by_id = {id(g): k for k, g in enumerate(self._all_groups)}
+
+    # -- torch.optim.Optimizer surface
+    @property
+    def state(self) -> Any:  # only the layer being stepped is present: the others live in the store
+        return self.inner.state if hasattr(self, "inner") else self.__dict__.get("_state_before_inner")
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        if hasattr(self, "inner"):
+            self.inner.state = value
+        else:
+            self.__dict__["_state_before_inner"] = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "inner"):
+            raise NotImplementedError("LayerwiseOffloadOptimizer: add_param_group after initialize is not supported; "
+                                      "pass every parameter to deepspeed.initialize")
+        super().add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def num_units(self) -> int:
+        return len(self._units)
+
+    @property
+    def resident_bytes_peak(self) -> int:
+        return self.store.resident_bytes_peak
+
+    @property
+    def layer_bytes(self) -> dict[int, int]:
+        """Bytes of each unit's packed states (known after the first step)."""
+        return {u: lay.nbytes for u, lay in self._layouts.items()}
+
+    def _index(self, group: dict[str, Any]) -> int:
+        i = self._index_by_id.get(id(group))
+        if i is None or self._all_groups[i] is not group:
+            self._index_by_id = {id(g): k for k, g in enumerate(self._all_groups)}
+            i = self._index_by_id.get(id(group))
+            if i is None:
+                raise LayerwiseOffloadError("step() got a parameter group this optimizer does not hold")
+        return i
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        units = sorted(u for g in list(self.param_groups) for u in self._units_of_group.get(self._index(g), ()))
+        for u in units:
+            self.step_unit(u)
+        if units and units[-1] == len(self._units) - 1:
+            self.steps_taken += 1
+        return loss
+
+    def step_unit(self, u: int, *, prefetch_order: list[int] | None = None) -> None:
+        """Fetch unit ``u``'s states, prefetch the next units, run the inner step on it, store the states back."""
+        layout = self._layouts.get(u)
+        buf = self.store.fetch(u) if layout is not None else None
+        if buf is not None:
+            self._attach(u, layout, buf)
+        self._prefetch_after(u, prefetch_order)
+        gi, _ = self._units[u]
+        group = self._all_groups[gi]
+        plist = self._params(u)
+        whole = len(plist) == len(group["params"])
+        run = group if whole else {**group, "params": plist}
+        inner = self.inner
+        saved = inner.param_groups
+        inner.param_groups = [run]
+        try:
+            inner.step()
+        finally:
+            inner.param_groups = saved
+        if not whole:
+            for k, v in run.items():
+                if k != "params":
+                    group[k] = v
+        self._pack(u, layout, buf)
+
+    def _prefetch_after(self, i: int, order: list[int] | None) -> None:
+        if self.prefetch_layers <= 0:
+            return
+        order = order if order is not None else list(range(len(self._units)))
+        at = order.index(i)
+        for k in range(1, min(self.prefetch_layers, len(order) - 1) + 1):
+            j = order[(at + k) % len(order)]
+            if j in self._layouts:
+                self.store.prefetch(j)
+
+    def _params(self, u: int) -> list[torch.Tensor]:
+        gi, pos = self._units[u]
+        params = self._all_groups[gi]["params"]
+        return list(params) if pos is None else [params[k] for k in pos]
+
+    def _attach(self, i: int, layout: _Layout, buf: torch.Tensor) -> None:
+        params = self._params(i)
+        for e in layout.entries:
+            self.inner.state[params[e.param]][e.name] = layout.view(buf, e)
+        for (pi, name), v in self._small.get(i, {}).items():
+            self.inner.state[params[pi]][name] = v
+
+    def _pack(self, i: int, layout: _Layout | None, buf: torch.Tensor | None) -> None:
+        """Move unit ``i``'s states out of ``inner.state`` into its buffer and hand that to the store."""
+        params = self._params(i)
+        big: list[tuple[int, str, torch.Tensor]] = []
+        small: dict[tuple[int, str], Any] = {}
+        for pi, p in enumerate(params):
+            for name, v in (self.inner.state.get(p) or {}).items():
+                if _is_big(v):
+                    big.append((pi, name, v))
+                else:
+                    small[(pi, name)] = v
+        in_place = (
+            layout is not None and buf is not None
+            and layout.spec() == tuple((pi, n, t.dtype, tuple(t.shape)) for pi, n, t in big)
+            and all(t.data_ptr() == layout.view(buf, e).data_ptr() for (_, _, t), e in zip(big, layout.entries))
+        )
+        if not in_place:
+            if not big:
+                if buf is not None:
+                    self.store.discard(buf)
+                self._layouts.pop(i, None)
+                self._small[i] = small
+                for p in params:
+                    self.inner.state.pop(p, None)
+                return
+            layout = _Layout.build(big)
+            new = self.store.new(layout.nbytes)
+            for (_, _, t), e in zip(big, layout.entries):
+                layout.view(new, e).copy_(t)
+            if buf is not None:
+                self.store.discard(buf)
+            buf = new
+        assert layout is not None and buf is not None
+        self._layouts[i] = layout
+        self._small[i] = small
+        for p in params:
+            self.inner.state.pop(p, None)
+        self.store.store(i, buf, layout.nbytes)
+
+    # -- checkpoints: every layer's states, materialized for the duration of the call
+    def state_dict(self) -> dict[str, Any]:
+        self.store.drain()
+        attached: list[Any] = []
+        try:
+            for i, layout in sorted(self._layouts.items()):
+                buf = self.store.fetch(i)
+                params = self._params(i)
+                for e in layout.entries:
+                    self.inner.state[params[e.param]][e.name] = layout.view(buf, e).clone()
+                self.store.store(i, buf, layout.nbytes, dirty=False)
+                attached.extend(params)
+            for i, small in self._small.items():
+                params = self._params(i)
+                for (pi, name), v in small.items():
+                    self.inner.state[params[pi]][name] = v.clone() if torch.is_tensor(v) else v
+                attached.extend(params)
+            return self.inner.state_dict()
+        finally:
+            for p in attached:
+                self.inner.state.pop(p, None)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.store.forget()
+        self._layouts.clear()
+        self._small.clear()
+        self.inner.state.clear()
+        self.inner.load_state_dict(state_dict)
+        self._all_groups = self.inner.param_groups
+        self.param_groups = self._all_groups
+        self._build_units()
+        for i in range(len(self._units)):
+            self._pack(i, None, None)
+            self.store.drain()  # one layer in flight at a time
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __repr__(self) -> str:
+        return (f"LayerwiseOffloadOptimizer({type(self.inner).__name__}, {len(self._units)} layer units, "
+                f"{type(self.store).__name__}, prefetch_layers={self.prefetch_layers})")

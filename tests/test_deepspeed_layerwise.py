@@ -1,0 +1,78 @@
+"""Layer-wise optimizer-state offload on DeepSpeed (CPU accelerator): same losses, bounded resident states."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from megatron_offload_plugin.deepspeed import layerwise_optimizer
+from megatron_offload_plugin.deepspeed.tiny import GPTShape, batches, build, ds_config, max_rel_diff, train
+from megatron_offload_plugin.offload.nvme import aio_available
+
+AIO_OK, AIO_WHY = aio_available()
+needs_aio = pytest.mark.skipif(not AIO_OK, reason=f"DeepSpeed aio unavailable: {AIO_WHY}")
+
+SHAPE = GPTShape(vocab=64, hidden=32, layers=4, heads=4, seq=16)
+STEPS = 4
+
+
+@functools.lru_cache(maxsize=None)
+def baseline(stage: int, bf16: bool, clip: float = 1.0) -> tuple[float, ...]:
+    engine = build(SHAPE, ds_config(stage=stage, bf16=bf16, clip=clip))
+    return tuple(train(engine, STEPS, batches(SHAPE, 2)))
+
+
+def run_section(tmp_path, stage: int, bf16: bool, device: str, clip: float = 1.0, **opt) -> tuple[list[float], object]:
+    section = {"optimizer_states": {"device": device, **({"nvme_path": str(tmp_path)} if device == "nvme" else {}), **opt}}
+    engine = build(SHAPE, ds_config(stage=stage, bf16=bf16, clip=clip, section=section))
+    return train(engine, STEPS, batches(SHAPE, 2)), engine
+
+
+CASES = [(s, bf, "cpu") for s in (0, 1, 2) for bf in (False, True)] + [
+    pytest.param(0, False, "nvme", marks=needs_aio),
+    pytest.param(1, True, "nvme", marks=needs_aio),
+    pytest.param(2, False, "nvme", marks=needs_aio),
+]
+
+
+@pytest.mark.parametrize("stage,bf16,device", CASES)
+def test_losses_match_the_engine_without_the_section(tmp_path, stage, bf16, device):
+    losses, engine = run_section(tmp_path, stage, bf16, device)
+    expected = list(baseline(stage, bf16))
+    assert max_rel_diff(losses, expected) <= 1e-6, (losses, expected)
+    assert losses == expected  # in practice bit for bit: the same inner optimizer runs on the same numbers
+    opt = layerwise_optimizer(engine)
+    assert opt is not None and opt.num_units == SHAPE.layers + 4  # embed, pos, final_norm, head
+    # between steps no state is resident in the optimizer: every unit's states are in the store
+    assert not any(opt.inner.state.get(p) for g in opt.param_groups for p in g["params"])
+    assert len(opt.layer_bytes) == opt.num_units
+
+
+def test_without_clipping_losses_match_too(tmp_path):
+    losses, _ = run_section(tmp_path, 0, True, "cpu", clip=0.0)
+    assert losses == list(baseline(0, True, 0.0))
+
+
+@needs_aio
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_resident_state_bytes_stay_within_prefetch_plus_two_layers(tmp_path, prefetch):
+    _, engine = run_section(tmp_path, 2, False, "nvme", prefetch_layers=prefetch)
+    opt = layerwise_optimizer(engine)
+    store = opt.store
+    largest = max(store.swapper._padded(n) for n in opt.layer_bytes.values())
+    total = sum(opt.layer_bytes.values())
+    assert 0 < opt.resident_bytes_peak <= (prefetch + 2) * largest, (opt.resident_bytes_peak, largest)
+    assert opt.resident_bytes_peak < total  # less than all states at once
+    assert store.stored_bytes >= total  # everything is on disk
+
+
+@needs_aio
+def test_nvme_swap_folder_is_removed_when_the_store_closes(tmp_path):
+    _, engine = run_section(tmp_path, 0, False, "nvme")
+    opt = layerwise_optimizer(engine)
+    folder = opt.store.folder.path
+    assert folder.exists() and any(folder.iterdir())
+    opt.close()
+    assert not folder.exists()
