@@ -276,8 +276,7 @@ class OffloadEngine:
                 if storage.live == 0 and id(storage) not in held_storages:
                     # Saved and already dropped (a recompute inside backward): nothing to keep.
                     self._resident_by_key.pop(_storage_key(storage.flat), None)
-                    storage.flat = storage.accounting = None
-                    storage.released = True
+                    storage.flat = storage.accounting = None  # no host copy: reload skips it
                     continue
                 host = self.pool.acquire(storage.nbytes)
                 ticket = self.copies.d2h(storage.flat, host)
@@ -336,6 +335,10 @@ class OffloadEngine:
     def _ensure_resident(self, storage: _Storage) -> torch.Tensor:
         """For unpack: the storage on the device, the compute stream ordered after its reload."""
         with self._lock:
+            if storage.released:
+                raise OffloadStateError(
+                    f"offload unit {storage.unit.key!r} was released while its tensors were still needed"
+                )
             if storage.flat is None:
                 record = storage.unit
                 if record.state == "offloaded":

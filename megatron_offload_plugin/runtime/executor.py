@@ -166,7 +166,7 @@ def run_program(
     w_offload_units = {(s.chunk, s.microbatch) for s in program if s.kind is Kind.B} if (
         offload is not None and offload.config.mode == "full") else offloaded_units
     engine = None
-    if offload is not None and not forward_only and (w_offload_units or offload.regions is not None):
+    if offload is not None and not forward_only and (offloaded_units or w_offload_units or offload.regions is not None):
         engine = offload.engine(p for chunk in chunks for p in chunk.parameters())
     regions = offload.regions if offload is not None else None
     w_offloaded: set[tuple[int, int]] = set()  # units whose W inputs wait on the host

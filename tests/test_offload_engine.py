@@ -1,0 +1,164 @@
+"""The offload engine on plain torch: bitwise round trips, resident accounting, pool reuse, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from megatron_offload_plugin.offload import HostPool, HostPoolExhausted, OffloadEngine, OffloadStateError, aligned
+from megatron_offload_plugin.telemetry.activation_memory import SavedTensorTracker
+
+
+class ViewingBlock(torch.nn.Module):
+    """Saves views of one storage (chunks of one projection) and a dropout mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(32, 96)
+        self.out = torch.nn.Linear(32, 32)
+        self.drop = torch.nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b, c = self.proj(x).chunk(3, dim=-1)
+        return self.out(self.drop(torch.tanh(a) * torch.sigmoid(b) + c.relu()))
+
+
+def _train_step(model: torch.nn.Module, x: torch.Tensor, engine: OffloadEngine | None, tracker: SavedTensorTracker):
+    torch.manual_seed(7)
+    model.zero_grad()
+    x = x.detach().requires_grad_()
+    figures = {}
+    with tracker.track():
+        if engine is None:
+            y = model(x)
+        else:
+            with engine.capture("u"):
+                y = model(x)
+        figures["saved"] = tracker.current_bytes
+        if engine is not None:
+            engine.offload("u")
+            figures["offloaded"] = tracker.current_bytes
+            engine.reload("u")
+            figures["reloaded"] = tracker.current_bytes
+        y.square().sum().backward()
+    if engine is not None:
+        engine.release("u")
+        engine.step_finished()
+    return x.grad, [p.grad.clone() for p in model.parameters()], figures
+
+
+def test_round_trip_is_bitwise_and_the_tracker_sees_only_resident_bytes():
+    torch.manual_seed(0)
+    model = ViewingBlock()
+    x = torch.randn(64, 32)
+    params = list(model.parameters())
+    ref_x, ref_p, ref_fig = _train_step(model, x, None, SavedTensorTracker(params))
+    engine = OffloadEngine(min_tensor_bytes=1024, exclude=params)
+    got_x, got_p, fig = _train_step(model, x, engine, SavedTensorTracker(params))
+    assert torch.equal(got_x, ref_x)
+    assert all(torch.equal(a, b) for a, b in zip(got_p, ref_p))
+    assert fig["saved"] == ref_fig["saved"] > 0
+    assert fig["offloaded"] < fig["saved"] / 4  # only the small tensors stay
+    assert fig["reloaded"] == fig["saved"]
+    stats = engine.take_stats()
+    assert stats["offloaded_bytes"] == stats["reloaded_bytes"] > 0
+    assert stats["on_demand_reloads"] == 0
+
+
+def test_views_of_one_storage_are_copied_once_and_parameters_stay():
+    proj = torch.nn.Linear(16, 48)
+    engine = OffloadEngine(min_tensor_bytes=0, exclude=list(proj.parameters()))
+    x = torch.randn(8, 16, requires_grad=True)
+    with engine.capture("u"):
+        h = proj(x)
+        a, b, c = h.chunk(3, dim=-1)
+        y = (a * b).sum() + (c * c).sum()  # saves three views of h's storage (c twice)
+    moved = engine.offload("u")
+    # x (saved by the Linear) and h's storage, once; never the weight.
+    assert moved == x.untyped_storage().nbytes() + h.untyped_storage().nbytes()
+    y.backward()
+    engine.release("u")
+    assert proj.weight.grad is not None
+
+
+def test_offload_frees_the_device_storage_and_held_tensors_move_with_their_unit():
+    engine = OffloadEngine(min_tensor_bytes=0)
+    leaf = torch.randn(256, 64, requires_grad=True)
+    with engine.capture("u"):
+        y = (leaf.tanh() * 3).sum()
+    engine.hold("u", leaf)
+    inner = StorageWeakRef(leaf.untyped_storage())
+    engine.offload("u")
+    assert leaf.numel() == 0 and inner.expired()
+    engine.reload("u")
+    assert leaf.shape == (256, 64)
+    y.backward()
+    assert leaf.grad.shape == (256, 64)
+    engine.release("u")
+
+
+def test_unpack_before_reload_reloads_on_demand():
+    engine = OffloadEngine(min_tensor_bytes=0)
+    x = torch.randn(128, 64, requires_grad=True)
+    with engine.capture("u"):
+        y = x.exp().sum()
+    engine.offload("u")
+    y.backward()
+    assert torch.equal(x.grad, x.detach().exp())
+    assert engine.take_stats()["on_demand_reloads"] == 1
+    engine.release("u")
+
+
+def test_host_pool_is_reused_across_iterations_and_bounded():
+    pool = HostPool(max_bytes=1 << 20, option="--offload-host-pool-bytes")
+    engine = OffloadEngine(pool=pool, min_tensor_bytes=0)
+    x = torch.randn(64, 64, requires_grad=True)
+    for _ in range(3):
+        with engine.capture("u"):
+            y = x.sin().sum()
+        engine.offload("u")
+        y.backward()
+        engine.release("u")
+        engine.step_finished()
+    assert pool.allocations == 1 and pool.reserved_bytes == aligned(x.untyped_storage().nbytes())
+    with pytest.raises(HostPoolExhausted, match=r"--offload-host-pool-bytes=1048576: the host pool holds"):
+        pool.acquire(2 << 20)
+
+
+def test_state_errors_name_the_unit():
+    engine = OffloadEngine(min_tensor_bytes=0)
+    with pytest.raises(OffloadStateError, match="'v' was never captured"):
+        engine.offload("v")
+    x = torch.randn(64, 64, requires_grad=True)
+    with engine.capture("u"):
+        y = x.exp().sum()
+    with pytest.raises(OffloadStateError, match="not offloaded: nothing to reload"):
+        engine.reload("u")
+    engine.offload("u")
+    engine.release("u")  # too early: the graph still needs the tensors
+    with pytest.raises(OffloadStateError, match="released while its tensors were still needed"):
+        y.backward()
+    with pytest.raises(OffloadStateError, match="never released"):
+        with engine.capture("w"):
+            (x * 2).sum()
+        engine.step_finished()
+
+
+def test_region_offloader_reloads_as_backward_arrives_and_forgets_after_backward():
+    from megatron_offload_plugin.offload.regions import RegionOffloader
+
+    engine = OffloadEngine(min_tensor_bytes=0)
+    regions = RegionOffloader(engine, prefetch=1)
+    layers = [torch.nn.Linear(32, 32) for _ in range(4)]
+    engine.set_exclude([p for l in layers for p in l.parameters()])
+    x = torch.randn(16, 32, requires_grad=True)
+    h = x
+    for layer in layers:
+        h = regions.run(lambda t, layer=layer: layer(t).tanh(), h)
+    assert all(engine.is_offloaded(k) for k in engine.units())
+    h.sum().backward()
+    assert engine.units() == []  # forgotten at the end of the backward call
+    stats = engine.take_stats()
+    assert stats["offloaded_units"] == 4 and stats["reloaded_bytes"] == stats["offloaded_bytes"]
+    assert stats["on_demand_reloads"] == 0  # each region was prefetched by the one after it
