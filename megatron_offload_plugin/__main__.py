@@ -15,7 +15,7 @@ def _cmd_simulate(argv: list[str]) -> int:
 
 
 def _cmd_bench(argv: list[str]) -> int:
-    kinds = {"pipeline": "megatron_offload_plugin.bench.pipeline"}
+    kinds = {"pipeline": "megatron_offload_plugin.bench.pipeline", "deepspeed": "megatron_offload_plugin.bench.deepspeed"}
     if not argv or argv[0] not in kinds:
         print(f"usage: python -m megatron_offload_plugin bench {{{','.join(kinds)}}} [options]; "
               f"accepted: {', '.join(kinds)}", file=sys.stderr)

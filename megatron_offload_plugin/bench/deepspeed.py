@@ -1,0 +1,226 @@
+"""``bench deepspeed``: one DeepSpeed config trained three ways, one JSON object out.
+
+Runs (each in its own process, so that peak RSS is the run's own):
+
+* ``plain``: the config without the ``layerwise_offload`` section;
+* ``zero2_cpu_offload``: DeepSpeed's own ZeRO-2 with ``offload_optimizer: {device: cpu}``, no section;
+* ``layerwise``: the config as given (with the section).
+
+All three train the same GPT-like model (same seed, same data) with the same
+optimizer (``torch_adam`` is forced on, so the math is the same everywhere and no
+extra op has to be JIT-built).  Per run: ``losses`` (one per optimizer step),
+``step_time_s`` (median, first step excluded), ``peak_rss_bytes`` (``ru_maxrss``),
+``optimizer_state_bytes_resident_peak`` (layerwise: measured peak of buffers the
+store held; others: all states, they are always resident) and
+``optimizer_state_bytes`` (all states).  With NVMe states the layerwise run also
+reports ``aio_write_gbps`` / ``aio_read_gbps`` (every layer's own buffer moved
+once through the run's aio handle right after training, waiting per layer) next to
+``disk_write_gbps`` / ``disk_read_gbps`` (plain O_DIRECT pwrite/pread of the same
+total size in the same folder, one thread), and ``aio_wait_s`` (time the training
+steps spent blocked on aio, i.e. I/O not hidden behind compute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import mmap
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+RUNS = ("plain", "zero2_cpu_offload", "layerwise")
+SECTION = "layerwise_offload"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m megatron_offload_plugin bench deepspeed", allow_abbrev=False,
+                                description="Train one GPT-like model on DeepSpeed without the section, with ZeRO-2 "
+                                            "CPU offload and with the layerwise_offload section; print JSON.")
+    p.add_argument("--config", required=True, help="DeepSpeed JSON config with a 'layerwise_offload' section")
+    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
+    p.add_argument("--steps", type=int, default=24, help="optimizer steps per run")
+    p.add_argument("--layers", type=int, default=20)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--timeout", type=float, default=3000.0, help="seconds before a run is stopped")
+    p.add_argument("--json", action="store_true", help="print only the JSON object")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def run_config(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The DeepSpeed config of one run, derived from the user's."""
+    cfg = copy.deepcopy(cfg)
+    opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {"lr": 1e-4}})
+    opt.setdefault("params", {})["torch_adam"] = True
+    if name == "layerwise":
+        return cfg
+    cfg.pop(SECTION, None)
+    if name == "zero2_cpu_offload":
+        zero = cfg.setdefault("zero_optimization", {})
+        zero["stage"] = 2
+        zero["offload_optimizer"] = {"device": "cpu"}
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    return cfg
+
+
+def _state_bytes(optimizer: Any) -> int:
+    total = 0
+    for st in getattr(optimizer, "state", {}).values():
+        for v in st.values():
+            if hasattr(v, "element_size") and v.numel() > 1:
+                total += v.numel() * v.element_size()
+    return total
+
+
+def _disk_gbps(folder: Path, nbytes: int, block: int = 1 << 20) -> tuple[float, float]:
+    """Plain O_DIRECT sequential pwrite then pread of ``nbytes`` in ``folder`` (one thread): GB/s each."""
+    path = folder / "disk-probe"
+    buf = mmap.mmap(-1, block)
+    buf.write(os.urandom(block))
+    nblocks = max(1, nbytes // block)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_DIRECT, 0o600)
+    try:
+        t0 = time.perf_counter()
+        for i in range(nblocks):
+            os.pwrite(fd, buf, i * block)
+        os.fsync(fd)
+        write_s = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECT)
+    try:
+        t0 = time.perf_counter()
+        for i in range(nblocks):
+            os.preadv(fd, [buf], i * block)
+        read_s = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        path.unlink()
+    total = nblocks * block
+    return total / write_s / 1e9, total / read_s / 1e9
+
+
+def _aio_gbps(store: Any) -> tuple[float, float]:
+    """Every layer's buffer written then read once through the run's own aio handle, waiting per layer."""
+    sw = store.swapper
+    keys = [k for k in list(sw._sizes) if k.endswith(".optim")]
+    write_s = read_s = 0.0
+    moved = 0
+    for key in keys:
+        size = sw.nbytes(key)
+        buf = sw.buffer(size)
+        t0 = time.perf_counter()
+        sw.read_buffer(key, buf)
+        sw.wait()
+        read_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sw.write_buffer(key, buf, size)
+        sw.wait()
+        write_s += time.perf_counter() - t0
+        moved += buf.numel()
+        sw.release_buffer(buf)
+    return moved / max(write_s, 1e-9) / 1e9, moved / max(read_s, 1e-9) / 1e9
+
+
+def child(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    import torch
+
+    from ..deepspeed import layerwise_optimizer
+    from ..deepspeed.tiny import GPTShape, batches, build, train
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    shape = GPTShape(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads, seq=args.seq + 1)
+    engine = build(shape, cfg)
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def tick(_: int) -> None:
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    losses = train(engine, args.steps, batches(shape, cfg["train_micro_batch_size_per_gpu"]), on_step=tick)
+    opt = layerwise_optimizer(engine)
+    out: dict[str, Any] = {
+        "name": name,
+        "losses": losses,
+        "step_time_s": statistics.median(times[1:] or times),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "params": sum(p.numel() for p in engine.module.parameters()),
+    }
+    if opt is None:
+        basic = getattr(engine, "basic_optimizer", engine.optimizer)
+        out["optimizer_state_bytes"] = _state_bytes(basic)
+        out["optimizer_state_bytes_resident_peak"] = out["optimizer_state_bytes"]
+    else:
+        out["optimizer_state_bytes"] = sum(opt.layer_bytes.values())
+        out["optimizer_state_bytes_resident_peak"] = opt.resident_bytes_peak
+        out["optimizer_state_bytes_largest_layer"] = max(opt.layer_bytes.values())
+        out["prefetch_layers"] = opt.prefetch_layers
+        store = opt.store
+        if hasattr(store, "swapper"):
+            store.drain()
+            out["aio_wait_s"] = store.read_seconds
+            out["aio_bytes_read"] = store.swapper.bytes_read
+            out["aio_bytes_written"] = store.swapper.bytes_written
+            out["aio_write_gbps"], out["aio_read_gbps"] = _aio_gbps(store)
+            out["disk_write_gbps"], out["disk_read_gbps"] = _disk_gbps(store.folder.path, store.stored_bytes)
+        opt.close()
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = json.loads(Path(args.config).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        print(f"bench deepspeed: --config={args.config!r}: {err}", file=sys.stderr)
+        return 2
+    if args.child:
+        print("BENCH_RESULT " + json.dumps(child(args.child, run_config(args.child, cfg), args)))
+        return 0
+    if SECTION not in cfg:
+        print(f"bench deepspeed: --config={args.config!r} has no '{SECTION}' section", file=sys.stderr)
+        return 2
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    bad = [r for r in runs if r not in RUNS]
+    if bad:
+        print(f"bench deepspeed: --runs: unknown {', '.join(bad)}; accepted: {', '.join(RUNS)}", file=sys.stderr)
+        return 2
+    results = []
+    base = [a for a in (argv if argv is not None else sys.argv[1:])]
+    start = time.perf_counter()
+    for name in runs:
+        cmd = [sys.executable, "-m", "megatron_offload_plugin.bench.deepspeed", *base, "--child", name]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(f"bench deepspeed: run '{name}' failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}", file=sys.stderr)
+            return 1
+        results.append(json.loads(line.removeprefix("BENCH_RESULT ")))
+        if not args.json:
+            print(f"# {name}: step {results[-1]['step_time_s']:.3f}s, peak RSS {results[-1]['peak_rss_bytes'] / 2**30:.2f} GiB",
+                  file=sys.stderr)
+    result = {"config": args.config, "runs": results, "wall_time_s": time.perf_counter() - start}
+    plain = next((r for r in results if r["name"] == "plain"), None)
+    if plain is not None:
+        for r in results:
+            r["max_rel_loss_diff_vs_plain"] = max(
+                (abs(a - b) / max(abs(b), 1e-30) for a, b in zip(r["losses"], plain["losses"])), default=0.0)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
