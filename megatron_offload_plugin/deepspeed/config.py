@@ -65,7 +65,7 @@ class OptimizerStatesConfig(_Strict):
         description=(
             "Step each layer as soon as its gradients are final in the backward of the "
             "gradient-accumulation boundary, instead of after the whole backward. "
-            "ZeRO stage 0 with fp32 or bf16 at data-parallel size 1; with gradient clipping the early "
+            "ZeRO stage 0, fp32, data-parallel size 1; with gradient clipping the early "
             "step is speculative and is redone for every layer when the global norm turns out above the "
             "clip (see megatron_offload_plugin.deepspeed.overlap)."
         ),

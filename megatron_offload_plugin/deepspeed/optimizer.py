@@ -51,7 +51,7 @@ class CpuLayerStore:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._host: dict[int, torch.Tensor] = {}
-        self._out: dict[int, int] = {}  # id(buffer) -> bytes checked out (working)
+        self._stash: dict[str, torch.Tensor] = {}
         self.resident_bytes = 0
         self.resident_bytes_peak = 0
         self.stored_bytes = 0
@@ -95,8 +95,22 @@ class CpuLayerStore:
     def discard(self, buf: torch.Tensor) -> None:
         self._account(-buf.numel())
 
+    # rollback copies (overlap_with_backward with clipping): host memory
+    def stash(self, key: str, data: torch.Tensor) -> None:
+        self._stash[key] = data.to("cpu", copy=True)
+
+    def unstash(self, key: str) -> torch.Tensor:
+        return self._stash.pop(key)
+
+    def drop_stash(self) -> None:
+        self._stash.clear()
+
+    def invalidate(self, layer: int) -> None:
+        pass  # nothing is read ahead
+
     def forget(self) -> None:
         self._host.clear()
+        self._stash.clear()
         self.stored_bytes = 0
 
     def drain(self) -> None:
@@ -121,7 +135,8 @@ class NvmeLayerStore:
         self.cap_layers = cap_layers
         self._reading: dict[int, torch.Tensor] = {}
         self._ready: dict[int, torch.Tensor] = {}
-        self._writing: dict[int, torch.Tensor] = {}
+        self._writing: dict[Any, torch.Tensor] = {}
+        self._stashed: dict[str, int] = {}
         self._max_layer = 0
         self.resident_bytes_peak = 0
         self.read_seconds = 0.0  # wall time spent waiting in wait() (I/O not hidden behind compute)
@@ -198,6 +213,38 @@ class NvmeLayerStore:
 
     def discard(self, buf: torch.Tensor) -> None:
         if self.device.type == "cpu":
+            self.swapper.release_buffer(buf)
+
+    # rollback copies (overlap_with_backward with clipping): files next to the states
+    def stash(self, key: str, data: torch.Tensor) -> None:
+        n = data.numel() * data.element_size()
+        if self._writing:
+            self._wait()
+        host = self.swapper.buffer(n)
+        host[:n].copy_(data.reshape(-1).view(torch.uint8))
+        self.swapper.write_buffer(f"stash.{key}", host, n)
+        self._writing[f"stash.{key}"] = host
+        self._stashed[key] = n
+        self._note(n)
+
+    def unstash(self, key: str) -> torch.Tensor:
+        self._wait()
+        n = self._stashed.pop(key)
+        buf = self.swapper.buffer(n)
+        self.swapper.read_buffer(f"stash.{key}", buf)
+        self.swapper.wait()
+        out = buf[:n].clone()
+        self.swapper.release_buffer(buf)
+        return out
+
+    def drop_stash(self) -> None:
+        self._stashed.clear()
+
+    def invalidate(self, layer: int) -> None:
+        """Drop a prefetched copy of ``layer`` (its stored bytes are about to be replaced)."""
+        self._wait()
+        buf = self._ready.pop(layer, None)
+        if buf is not None:
             self.swapper.release_buffer(buf)
 
     @property
@@ -290,6 +337,9 @@ class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
         self._small: dict[int, dict[tuple[int, str], Any]] = {}
         self._index_by_id: dict[int, int] = {}
         self._build_units()
+        self._stashed_layout: dict[int, tuple[_Layout | None, dict[tuple[int, str], Any]]] = {}
+        #: Called at the start of step(); returns units already stepped this iteration (see overlap.py).
+        self.before_step: Any = None
         self.steps_taken = 0
         if any(inner.state.get(p) for g in self._all_groups for p in g["params"]):
             for u in range(len(self._units)):  # a client optimizer that already holds states
@@ -364,16 +414,24 @@ class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         units = sorted(u for g in list(self.param_groups) for u in self._units_of_group.get(self._index(g), ()))
+        done = self.before_step() if self.before_step is not None else set()
         for u in units:
-            self.step_unit(u)
+            if u not in done:
+                self.step_unit(u)
         if units and units[-1] == len(self._units) - 1:
             self.steps_taken += 1
         return loss
 
-    def step_unit(self, u: int, *, prefetch_order: list[int] | None = None) -> None:
-        """Fetch unit ``u``'s states, prefetch the next units, run the inner step on it, store the states back."""
+    def step_unit(self, u: int, *, prefetch_order: list[int] | None = None, stash: bool = False) -> None:
+        """Fetch unit ``u``'s states, prefetch the next units, run the inner step on it, store the states back.
+
+        With ``stash``, the unit's parameters and states are first copied into the store's
+        rollback area, so that :meth:`restore_unit` can undo the step.
+        """
         layout = self._layouts.get(u)
         buf = self.store.fetch(u) if layout is not None else None
+        if stash:
+            self._stash_unit(u, layout, buf)
         if buf is not None:
             self._attach(u, layout, buf)
         self._prefetch_after(u, prefetch_order)
@@ -394,6 +452,41 @@ class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
                 if k != "params":
                     group[k] = v
         self._pack(u, layout, buf)
+
+    def _stash_unit(self, u: int, layout: _Layout | None, buf: torch.Tensor | None) -> None:
+        params = self._params(u)
+        flat = torch.cat([p.detach().reshape(-1).view(torch.uint8) for p in params]) if params else torch.empty(0, dtype=torch.uint8)
+        self.store.stash(f"u{u}.params", flat)
+        if layout is not None and buf is not None:
+            self.store.stash(f"u{u}.states", buf[: layout.nbytes])
+        small = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in self._small.get(u, {}).items()}
+        self._stashed_layout[u] = (layout, small)
+
+    def restore_unit(self, u: int) -> None:
+        """Undo the step of unit ``u`` taken with ``stash=True``: parameters and states as before it."""
+        layout, small = self._stashed_layout.pop(u)
+        self.store.invalidate(u)
+        flat = self.store.unstash(f"u{u}.params")
+        off = 0
+        for p in self._params(u):
+            n = p.numel() * p.element_size()
+            p.data.reshape(-1).view(torch.uint8).copy_(flat[off: off + n])
+            off += n
+        if layout is None:  # the step created the states: drop them, the next step creates them afresh
+            self._layouts.pop(u, None)
+            self._small[u] = small
+            return
+        data = self.store.unstash(f"u{u}.states")
+        buf = self.store.new(layout.nbytes)
+        buf[: layout.nbytes].copy_(data.to(buf.device))
+        self._layouts[u] = layout
+        self._small[u] = small
+        self.store.store(u, buf, layout.nbytes)
+
+    def commit_stash(self) -> None:
+        """Forget the rollback copies (the speculative steps stand)."""
+        self._stashed_layout.clear()
+        self.store.drop_stash()
 
     def _prefetch_after(self, i: int, order: list[int] | None) -> None:
         if self.prefetch_layers <= 0:

@@ -165,6 +165,10 @@ def _configure_optimizer_patch(section: LayerwiseOffloadConfig, ds_config: Mappi
                 raise
             engine.layerwise_offload_optimizer = engine.basic_optimizer
             engine.layerwise_offload_config = section
+            if section.optimizer_states.overlap_with_backward:
+                from .overlap import attach
+
+                engine.layerwise_offload_overlap = attach(engine, engine.basic_optimizer)
             logger.info("%s: %r", SECTION, engine.basic_optimizer)
 
         return _configure_optimizer
