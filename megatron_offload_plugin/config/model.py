@@ -119,6 +119,15 @@ class ActivationOffloadConfig(_FrozenModel):
         description="Bound on the reusable (pinned on GPU) host buffer pool, in bytes (unset: no bound).",
         json_schema_extra={"flag": "--offload-host-pool-bytes"},
     )
+    nvme_path: str | None = Field(
+        None,
+        description=(
+            "NVMe tier for nodes short of host memory: offloaded activations go to swap files in a "
+            "private per-run folder (0700, files 0600, removed at exit) under this directory, through "
+            "DeepSpeed's async I/O (needs libaio-dev); host memory then holds them only in transit."
+        ),
+        json_schema_extra={"flag": "--offload-nvme-path"},
+    )
     reload_lead: int | None = Field(
         None,
         ge=0,

@@ -26,7 +26,15 @@ class ActivationOffload:
         self.config = config
         self.pool = HostPool(config.host_pool_bytes, option="--offload-host-pool-bytes")
         self._engine: OffloadEngine | None = None
+        self._swap: tuple[Any, Any] | None = None  # (SwapFolder, AioSwapper) of the NVMe tier
         self.regions: RegionOffloader | None = None
+        if config.nvme_path is not None:
+            from .nvme import AioUnavailableError, aio_available, check_base_path
+
+            check_base_path(config.nvme_path, option="--offload-nvme-path")
+            ok, why = aio_available()
+            if not ok:
+                raise AioUnavailableError(f"--offload-nvme-path={config.nvme_path}: {why}")
         if config.checkpoint_offload:
             self.regions = _LazyRegions(self)  # type: ignore[assignment]
 
@@ -38,7 +46,9 @@ class ActivationOffload:
     def engine(self, params: Iterable[torch.Tensor] = ()) -> OffloadEngine:
         """The engine (built on first use); ``params`` stay on the device whatever their size."""
         if self._engine is None:
-            self._engine = OffloadEngine(pool=self.pool, min_tensor_bytes=self.config.min_tensor_bytes)
+            self._engine = OffloadEngine(
+                pool=self.pool, min_tensor_bytes=self.config.min_tensor_bytes, nvme=self._nvme_tier()
+            )
         params = tuple(params)
         if params:
             self._engine.set_exclude(params)
@@ -50,6 +60,15 @@ class ActivationOffload:
         if self.config.reload_lead is not None:
             return self.config.reload_lead
         return 1 if torch.cuda.is_available() else 0
+
+    def _nvme_tier(self) -> Any:
+        if self.config.nvme_path is None:
+            return None
+        from .nvme import AioSwapper, SwapFolder
+
+        folder = SwapFolder(self.config.nvme_path, option="--offload-nvme-path")
+        self._swap = (folder, AioSwapper(folder))
+        return self._swap[1]
 
     def policy(self) -> Any:
         """The schedule pass's :class:`~megatron_offload_plugin.schedules.offload.OffloadPolicy`."""
@@ -78,6 +97,11 @@ class ActivationOffload:
     def close(self) -> None:
         if self._engine is not None:
             self._engine.close()
+        if self._swap is not None:
+            folder, swapper = self._swap
+            swapper.close()
+            folder.close()
+            self._swap = None
 
 
 class _LazyRegions:

@@ -30,6 +30,7 @@ as Megatron does with pipeline outputs (``deallocate_output_tensor``).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ def _view(flat: torch.Tensor, dtype: torch.dtype, size: torch.Size, stride: tupl
 class _Storage:
     """One device storage of a unit: resident (``flat`` set) or on the host (``host`` set)."""
 
-    __slots__ = ("unit", "nbytes", "flat", "accounting", "counted", "host", "d2h", "h2d", "released", "live")
+    __slots__ = ("unit", "nbytes", "flat", "accounting", "counted", "host", "d2h", "h2d", "released", "live", "nvme_key")
 
     def __init__(self, unit: "_Unit", flat: torch.Tensor, accounting: Any, counted: bool) -> None:
         self.unit = unit
@@ -79,6 +80,7 @@ class _Storage:
         self.h2d: Ticket | None = None
         self.released = False
         self.live = 0  # packed handles autograd still holds (0: nothing will read it again)
+        self.nvme_key: str | None = None  # NVMe tier: the swap file holding it while offloaded
 
 
 class _Saved:
@@ -140,6 +142,8 @@ class OffloadStats:
     h2d_seconds: float = 0.0
     exposed_seconds: float = 0.0  # time the host waited for a copy (CPU: every copy)
     on_demand_reloads: int = 0  # units reloaded at unpack because no prefetch was issued
+    nvme_written_bytes: int = 0  # NVMe tier: bytes written to swap files (unpadded)
+    nvme_read_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in vars(self).items()}
@@ -155,7 +159,10 @@ class OffloadEngine:
         pool: HostPool | None = None,
         min_tensor_bytes: int = 65536,
         exclude: Iterable[torch.Tensor] = (),
+        nvme: Any = None,
     ) -> None:
+        """``nvme``: an :class:`.nvme.AioSwapper`; offloaded storages then live in its swap files
+        and host memory holds them only in transit (page-locked aio buffers)."""
         if min_tensor_bytes < 0:
             raise ValueError(f"min_tensor_bytes={min_tensor_bytes!r}: must be >= 0")
         if device is None:
@@ -171,8 +178,11 @@ class OffloadEngine:
         self._lock = threading.RLock()
         self.stats = OffloadStats()
         self.total = OffloadStats()
-        self._pending_host_release: list[tuple[Ticket, torch.Tensor]] = []
+        self._pending_host_release: list[tuple[Ticket, torch.Tensor, bool]] = []
         self._timed: list[tuple[str, Ticket]] = []
+        self.nvme = nvme
+        self._nvme_keys = itertools.count()
+        self._free_nvme_keys: list[str] = []
 
     def set_exclude(self, tensors: Iterable[torch.Tensor]) -> None:
         """Storages that always stay (the model's parameters; read at each capture, so
@@ -278,7 +288,7 @@ class OffloadEngine:
                     self._resident_by_key.pop(_storage_key(storage.flat), None)
                     storage.flat = storage.accounting = None  # no host copy: reload skips it
                     continue
-                host = self.pool.acquire(storage.nbytes)
+                host = self.nvme.buffer(storage.nbytes) if self.nvme is not None else self.pool.acquire(storage.nbytes)
                 ticket = self.copies.d2h(storage.flat, host)
                 self._resident_by_key.pop(_storage_key(storage.flat), None)
                 storage.host, storage.d2h = host, ticket
@@ -288,6 +298,8 @@ class OffloadEngine:
                 self._count_copy(ticket, "d2h")
             for held in record.held:
                 held.tensor.data = torch.empty(0, dtype=held.dtype, device=self.device)
+            if self.nvme is not None:
+                self._write_to_nvme(record)
             record.state = "offloaded"
             self.stats.offloaded_bytes += moved
             self.stats.offloaded_units += 1
@@ -301,20 +313,54 @@ class OffloadEngine:
             record = self._record(unit)
             if record.state != "offloaded":
                 raise OffloadStateError(f"offload unit {unit!r} is {record.state}, not offloaded: nothing to reload")
+            if self.nvme is not None:
+                self._read_from_nvme(record.storages)
             for storage in record.storages:
                 self._start_reload(storage)
             for held in record.held:
                 held.tensor.data = _view(held.storage.flat, held.dtype, held.size, held.stride, held.offset)
             record.state = "resident"
 
+    def _write_to_nvme(self, record: _Unit) -> None:
+        """NVMe tier: the unit's host copies go to swap files; the host buffers are freed once written.
+
+        The write completes inside this call (the host blocks, the device keeps computing what
+        was queued), so an I/O error is raised here, naming the file and size, while every
+        tensor is still intact in its host buffer."""
+        written = [s for s in record.storages if s.host is not None and s.nvme_key is None]
+        for storage in written:
+            if storage.d2h is not None:
+                storage.d2h.synchronize()
+            storage.nvme_key = self._free_nvme_keys.pop() if self._free_nvme_keys else f"act-{next(self._nvme_keys)}"
+            self.nvme.write_buffer(storage.nvme_key, storage.host, storage.nbytes)
+        self.nvme.wait()
+        for storage in written:
+            self.nvme.release_buffer(storage.host)
+            storage.host = None
+        self.stats.nvme_written_bytes += sum(s.nbytes for s in written)
+
+    def _read_from_nvme(self, storages: list[_Storage]) -> None:
+        """NVMe tier: bring the storages' swap files back into (page-locked) host buffers."""
+        reading = [s for s in storages if s.nvme_key is not None and s.host is None and s.flat is None]
+        for storage in reading:
+            storage.host = self.nvme.buffer(storage.nbytes)
+            self.nvme.read_buffer(storage.nvme_key, storage.host)
+        self.nvme.wait()
+        for storage in reading:
+            self._free_nvme_keys.append(storage.nvme_key)
+            storage.nvme_key = None
+        self.stats.nvme_read_bytes += sum(s.nbytes for s in reading)
+
     def _start_reload(self, storage: _Storage) -> None:
         if storage.released:
             raise OffloadStateError(f"offload unit {storage.unit.key!r} was released while its tensors were still needed")
+        if storage.flat is None and storage.host is None and storage.nvme_key is not None:
+            self._read_from_nvme([storage])
         if storage.flat is not None or storage.host is None:
             return
         flat, ticket = self.copies.h2d(storage.host, self.device, storage.nbytes, storage.d2h)
         storage.flat, storage.h2d = flat, ticket
-        self._pending_host_release.append((ticket, storage.host))
+        self._pending_host_release.append((ticket, storage.host, self.nvme is not None))
         storage.host = None
         outer = storage.unit.outer
         if storage.counted and outer is not None:
@@ -375,14 +421,20 @@ class OffloadEngine:
 
     def _release_finished_host_buffers(self, wait: bool = False) -> None:
         keep = []
-        for ticket, host in self._pending_host_release:
+        for ticket, host, aio_buffer in self._pending_host_release:
             if wait:
                 ticket.synchronize()
             if ticket.done():
-                self.pool.release(host)
+                self._give_back(host, aio_buffer)
             else:
-                keep.append((ticket, host))
+                keep.append((ticket, host, aio_buffer))
         self._pending_host_release = keep
+
+    def _give_back(self, host: torch.Tensor, aio_buffer: bool) -> None:
+        if aio_buffer:
+            self.nvme.release_buffer(host)
+        else:
+            self.pool.release(host)
 
     # ------------------------------------------------------------ lifecycle
     def is_offloaded(self, unit: UnitKey) -> bool:
@@ -404,7 +456,10 @@ class OffloadEngine:
                 if storage.host is not None:
                     if storage.d2h is not None:
                         storage.d2h.synchronize()
-                    self.pool.release(storage.host)
+                    self._give_back(storage.host, self.nvme is not None)
+                if storage.nvme_key is not None:
+                    self._free_nvme_keys.append(storage.nvme_key)
+                    storage.nvme_key = None
                 if storage.flat is not None:
                     self._resident_by_key.pop(_storage_key(storage.flat), None)
                 # Break the storage <-> unit cycle now: the tracker's count must drop when the
@@ -432,6 +487,8 @@ class OffloadEngine:
         out = self.stats.to_dict()
         out["host_pool_bytes"] = self.pool.reserved_bytes
         out["host_pool_peak_in_use_bytes"] = self.pool.peak_in_use_bytes
+        if self.nvme is not None:
+            out["aio_buffer_bytes"] = self.nvme.locked_bytes  # page-locked transit buffers of the NVMe tier
         self.stats = OffloadStats()
         return out
 
