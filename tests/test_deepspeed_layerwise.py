@@ -76,3 +76,39 @@ def test_nvme_swap_folder_is_removed_when_the_store_closes(tmp_path):
     assert folder.exists() and any(folder.iterdir())
     opt.close()
     assert not folder.exists()
+
+
+@needs_aio
+def test_io_error_mid_run_raises_with_path_and_size_and_loses_no_state(tmp_path, monkeypatch):
+    import errno
+
+    from megatron_offload_plugin.offload.nvme import NvmeIOError
+
+    section = {"optimizer_states": {"device": "nvme", "nvme_path": str(tmp_path)}}
+    engine = build(SHAPE, ds_config(stage=0, section=section))
+    data = batches(SHAPE, 2)
+    train(engine, 1, data)
+    opt = layerwise_optimizer(engine)
+    before = opt.state_dict()["state"]
+    sw = opt.store.swapper
+    real_write = sw.write_buffer
+
+    def failing_write(key, buf, nbytes):
+        if key == opt.store._key(3):
+            raise NvmeIOError(errno.ENOSPC, f"disk full: writing {buf.numel()} bytes to {sw.folder.path / key} "
+                                            "needs 4096 more bytes, 0 free on that file system")
+        return real_write(key, buf, nbytes)
+
+    monkeypatch.setattr(sw, "write_buffer", failing_write)
+    with pytest.raises(NvmeIOError, match=r"disk full: writing \d+ bytes to .*layer00003\.optim"):
+        train(engine, 1, data)
+    after = opt.state_dict()["state"]  # every unit's states are still there: unit 3's newest ones in memory
+    assert set(after) == set(before)
+    unit3 = 2 + 12  # embed, pos, 12 tensors of layers.0, then layers.1 (unit 3)
+    assert not torch.equal(after[unit3]["exp_avg"], before[unit3]["exp_avg"])  # stepped before its write failed
+    last = max(after)
+    assert torch.equal(after[last]["exp_avg"], before[last]["exp_avg"])  # the step stopped at unit 3
+    assert opt.store._key(3) not in sw  # the file's older bytes are not mistaken for the newest
+    monkeypatch.setattr(sw, "write_buffer", real_write)
+    train(engine, 1, data)  # the disk is back: training goes on, unit 3 is written again
+    assert opt.store._key(3) in sw and 3 not in opt.store._ready

@@ -149,3 +149,18 @@ def test_activation_offload_is_a_named_hook_point_until_wired():
     cfg = ds_config(section={"activations": {"device": "cpu"}})
     with pytest.raises(NotImplementedError, match="activations.device='cpu'.*not wired"):
         build(SHAPE, cfg)
+
+
+@pytest.mark.parametrize("how", ["config_path", "args"])
+def test_section_is_read_from_a_config_file_and_from_args(tmp_path, how):
+    import argparse
+    import json
+
+    from megatron_offload_plugin.deepspeed.tiny import TinyGPT, init_single_process_dist
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds_config(section={"optimizer_states": {"device": "cpu"}})))
+    init_single_process_dist()
+    kwargs = {"config": str(path)} if how == "config_path" else {"args": argparse.Namespace(deepspeed_config=str(path))}
+    engine, *_ = mds.initialize(model=TinyGPT(SHAPE), **kwargs)
+    assert isinstance(mds.layerwise_optimizer(engine), mds.LayerwiseOffloadOptimizer)

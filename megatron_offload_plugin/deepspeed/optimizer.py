@@ -138,17 +138,27 @@ class NvmeLayerStore:
         self._writing: dict[Any, torch.Tensor] = {}
         self._stashed: dict[str, int] = {}
         self._max_layer = 0
+        self._device_bytes = 0  # working copies on an accelerator (0 on a CPU device: the locked buffers are used)
         self.resident_bytes_peak = 0
         self.read_seconds = 0.0  # wall time spent waiting in wait() (I/O not hidden behind compute)
 
     @property
     def resident_bytes(self) -> int:
-        return self.swapper.locked_bytes
+        return self.swapper.locked_bytes + self._device_bytes
 
     def _note(self, nbytes: int) -> None:
         self._max_layer = max(self._max_layer, self.swapper._padded(nbytes))
         self.swapper.max_locked_bytes = self.cap_layers * self._max_layer
-        self.resident_bytes_peak = max(self.resident_bytes_peak, self.swapper.locked_bytes)
+        self.resident_bytes_peak = max(self.resident_bytes_peak, self.resident_bytes)
+
+    def _on_device(self, host: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return host
+        dev = host.to(self.device)
+        self.swapper.release_buffer(host)
+        self._device_bytes += dev.numel()
+        self._note(0)
+        return dev
 
     def _wait(self) -> None:
         if not self.swapper.pending:
@@ -163,14 +173,22 @@ class NvmeLayerStore:
             self._ready.update(self._reading)
             self._reading.clear()
             writing, self._writing = self._writing, {}
-            for buf in writing.values():
-                self.swapper.release_buffer(buf)
+            for key, buf in writing.items():
+                if isinstance(key, int) and self._key(key) not in self.swapper:
+                    self._ready[key] = buf  # the write failed: its newest states stay in memory, nothing is lost
+                else:
+                    self.swapper.release_buffer(buf)
 
     @staticmethod
     def _key(layer: int) -> str:
         return f"layer{layer:05d}.optim"
 
     def new(self, nbytes: int) -> torch.Tensor:
+        if self.device.type != "cpu":
+            buf = torch.empty(self.swapper._padded(nbytes), dtype=torch.uint8, device=self.device)
+            self._device_bytes += buf.numel()
+            self._note(nbytes)
+            return buf
         buf = self.swapper.buffer(nbytes)
         self._note(nbytes)
         return buf
@@ -194,26 +212,39 @@ class NvmeLayerStore:
         if layer not in self._ready:
             self.prefetch(layer)
             self._wait()
-        buf = self._ready.pop(layer)
-        return buf if self.device.type == "cpu" else buf.to(self.device)
+        return self._on_device(self._ready.pop(layer))
 
     def store(self, layer: int, buf: torch.Tensor, nbytes: int, *, dirty: bool = True) -> None:
+        on_disk = self._key(layer) in self.swapper
         if self.device.type != "cpu":
+            self._device_bytes -= buf.numel()
+            if not dirty and on_disk:
+                return
             host = self.swapper.buffer(nbytes)
             host[: buf.numel()].copy_(buf)
             buf = host
         if not dirty:
-            self.swapper.release_buffer(buf)
+            if on_disk:
+                self.swapper.release_buffer(buf)
+            else:  # its last write failed: this buffer is the only copy, keep it until a write succeeds
+                self._ready[layer] = buf
             return
         if self._writing:  # at most one layer in flight to disk: resident stays within prefetch + 2 layers
             self._wait()
-        self.swapper.write_buffer(self._key(layer), buf, nbytes)
+        try:
+            self.swapper.write_buffer(self._key(layer), buf, nbytes)
+        except BaseException:
+            self._ready[layer] = buf  # disk full / refused: the newest states stay in memory, nothing is lost
+            self.swapper.forget(self._key(layer))  # the file holds older states now
+            raise
         self._writing[layer] = buf
         self._note(nbytes)
 
     def discard(self, buf: torch.Tensor) -> None:
         if self.device.type == "cpu":
             self.swapper.release_buffer(buf)
+        else:
+            self._device_bytes -= buf.numel()
 
     # rollback copies (overlap_with_backward with clipping): files next to the states
     def stash(self, key: str, data: torch.Tensor) -> None:

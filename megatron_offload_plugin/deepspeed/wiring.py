@@ -68,7 +68,7 @@ def _check_version() -> None:
 
 def _load_json(path: str | Path) -> dict[str, Any]:
     try:
-        from deepspeed.runtime.config import load_ds_config  # DeepSpeed's own loader (hjson/json, duplicate keys)
+        from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config  # what deepspeed.initialize uses
 
         return load_ds_config(str(path))
     except ImportError:  # pragma: no cover - older layouts
@@ -248,12 +248,6 @@ def _upstream_initialize() -> Any:
 
     current = deepspeed.initialize
     return getattr(current, "__layerwise_upstream__", current)
-
-
-def _signature() -> inspect.Signature:
-    import deepspeed
-
-    return inspect.signature(_upstream_initialize() if hasattr(deepspeed, "initialize") else deepspeed.initialize)
 
 
 def initialize(

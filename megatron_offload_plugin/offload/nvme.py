@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 import weakref
 from dataclasses import dataclass
@@ -97,17 +98,38 @@ def aio_available() -> tuple[bool, str]:
     return False, f"DeepSpeed's async I/O op needs libaio, which was not found; {_NO_AIO_HINT}"
 
 
+def _extensions_dir() -> str | None:
+    """A torch-extensions folder of this Python environment's own (None: the user chose one).
+
+    torch keys its JIT cache by extension name only; two environments (say a CI
+    virtualenv and a developer's) sharing ~/.cache/torch_extensions rebuild the aio
+    op (minutes) every time the other one used it, because the include paths differ.
+    """
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return None
+    import hashlib
+
+    tag = hashlib.sha1(os.path.realpath(sys.prefix).encode()).hexdigest()[:10]
+    return os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions", f"megatron-offload-plugin-{tag}")
+
+
 def load_aio_op() -> Any:
-    """DeepSpeed's built aio op module (JIT-built with libaio the first time, then cached by torch)."""
+    """DeepSpeed's built aio op module (JIT-built with libaio the first time, then cached per environment)."""
     ok, why = aio_available()
     if not ok:
         raise AioUnavailableError(why)
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
+    folder = _extensions_dir()
+    if folder is not None:
+        os.environ["TORCH_EXTENSIONS_DIR"] = folder
     try:
         return AsyncIOBuilder().load(verbose=False)
     except Exception as err:
         raise AioUnavailableError(f"building DeepSpeed's async I/O op failed ({err}); {_NO_AIO_HINT}") from err
+    finally:
+        if folder is not None:
+            os.environ.pop("TORCH_EXTENSIONS_DIR", None)
 
 
 def aio_handle_kwargs(aio_config: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -445,6 +467,10 @@ class AioSwapper:
     def nbytes_on_disk(self) -> int:
         """Bytes the swap files take (padded sizes)."""
         return sum(self._padded(n) for n in self._sizes.values())
+
+    def forget(self, key: str) -> None:
+        """Mark ``key``'s file as holding no valid data (its file stays; the next write reuses it)."""
+        self._sizes.pop(key, None)
 
     def discard(self, key: str) -> None:
         """Forget ``key`` and delete its file."""
