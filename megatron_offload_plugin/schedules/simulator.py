@@ -271,7 +271,8 @@ def simulate(schedule: Schedule, costs: CostModel | None = None, *, offload: Off
         compute = [e for e in entries if e.action.is_compute]
         busy.append(sum(e.end - e.start for e in compute))
         windows.append((min(e.start for e in compute), max(e.end for e in compute)) if compute else (0.0, 0.0))
-        curve, peak = _memory_curve(placement, costs, rank, entries)
+        curve, peak = _memory_curve(placement, costs, rank, entries,
+                                    w_offload_all=offload is not None and offload.mode == "full")
         memory.append(curve)
         peaks.append(peak)
     makespan = max((e.end for e in timeline), default=0.0)
@@ -297,18 +298,28 @@ def simulate(schedule: Schedule, costs: CostModel | None = None, *, offload: Off
     )
 
 
-def _memory_curve(placement, costs: CostModel, rank: int, entries: list[TimelineEntry]
-                  ) -> tuple[tuple[tuple[float, float], ...], float]:
+def _memory_curve(placement, costs: CostModel, rank: int, entries: list[TimelineEntry], *,
+                  w_offload_all: bool = False) -> tuple[tuple[tuple[float, float], ...], float]:
     """Activation units on ``rank`` after each change, and their peak.
 
     A compute action allocates when it starts and frees when it ends (see :mod:`.costs`); an
     OFFLOAD frees its unit when its copy ends, a RELOAD allocates it again when its copy
-    starts.  At one instant frees count before allocations.
+    starts.  An offloaded unit's W inputs wait on the host as the runtime keeps them: its B
+    frees the whole unit and its W holds it only while it runs (those copies are not timed);
+    with ``w_offload_all`` (policy 'full') every unit's W inputs do, as in the runtime.
+    At one instant frees count before allocations.
     """
     events: list[tuple[float, int, int, float]] = []  # (time, 0 free / 1 allocate, order, units)
+    split = {e.action.unit for e in entries if e.action.kind is Kind.W}
+    offloaded = split if w_offload_all else {e.action.unit for e in entries if e.action.kind is Kind.OFFLOAD}
     for n, e in enumerate(entries):
         a = e.action
-        if a.is_compute:
+        if a.is_compute and a.unit in offloaded and a.unit in split and a.kind in (Kind.B, Kind.W):
+            share = costs.fraction(placement, rank, a.chunk)
+            if a.kind is Kind.W:
+                events.append((e.start, 1, n, share))
+            events.append((e.end, 0, n, -share))
+        elif a.is_compute:
             up, down = costs.allocates(placement, rank, a), costs.releases(placement, rank, a)
             if up:
                 events.append((e.start, 1, n, up))
