@@ -67,7 +67,7 @@ def _view(flat: torch.Tensor, dtype: torch.dtype, size: torch.Size, stride: tupl
 class _Storage:
     """One device storage of a unit: resident (``flat`` set) or on the host (``host`` set)."""
 
-    __slots__ = ("unit", "nbytes", "flat", "accounting", "counted", "host", "d2h", "h2d", "released", "live", "nvme_key")
+    __slots__ = ("unit", "nbytes", "flat", "accounting", "counted", "host", "d2h", "h2d", "released", "live", "nvme_key", "held")
 
     def __init__(self, unit: "_Unit", flat: torch.Tensor, accounting: Any, counted: bool) -> None:
         self.unit = unit
@@ -81,6 +81,7 @@ class _Storage:
         self.released = False
         self.live = 0  # packed handles autograd still holds (0: nothing will read it again)
         self.nvme_key: str | None = None  # NVMe tier: the swap file holding it while offloaded
+        self.held = False  # also the data of a tensor the caller keeps (see OffloadEngine.hold)
 
 
 class _Saved:
@@ -100,6 +101,10 @@ class _Saved:
         storage = getattr(self, "storage", None)
         if storage is not None:
             storage.live -= 1
+            if storage.live == 0 and storage.host is None and not storage.held:
+                # Autograd dropped the last handle (its backward ran): the engine's own
+                # references go now, so the bytes leave the tracker's count at once.
+                storage.flat = storage.accounting = None
 
 
 class _Kept:
@@ -222,11 +227,13 @@ class OffloadEngine:
             key = _storage_key(t)
             with self._lock:
                 storage = self._resident_by_key.get(key)
+                if storage is not None and storage.flat is None:
+                    storage = None  # stale: that storage left the device (its address may be reused)
                 if storage is not None and storage.unit is not record:
                     # Saved by two units (a cached mask, a shared buffer): it lives as long as
                     # either needs it, so this unit keeps it on the device as is.
                     return keep(t)
-                if storage is None or storage.flat is None:
+                if storage is None:
                     flat = _flat_bytes(t)
                     storage = _Storage(record, flat, outer_pack(flat) if outer_pack is not None else None, True)
                     record.storages.append(storage)
@@ -263,6 +270,7 @@ class OffloadEngine:
             if storage is None:  # not saved by autograd: moved, but not counted as saved
                 storage = _Storage(record, _flat_bytes(tensor), None, False)
                 record.storages.append(storage)
+            storage.held = True
             record.held.append(_Held(tensor, storage))
 
     def _record(self, unit: UnitKey) -> _Unit:

@@ -115,3 +115,34 @@ class RegionOffloader:
         self._chains.clear()
         self._done.clear()
 
+
+
+class LayerwiseOffload:
+    """Offload what each of ``modules`` saves for backward, layer by layer (reversible).
+
+    Each module's forward runs as a region of ``offloader``: its saved tensors leave the
+    device when it returns and come back when backward reaches its outputs, the
+    ``prefetch`` layers before it reloaded at the same moment (reverse layer order).
+    Installed as an instance attribute ``forward`` on each module; :meth:`detach` removes it.
+    """
+
+    def __init__(self, modules: list[torch.nn.Module], offloader: RegionOffloader) -> None:
+        self.modules = list(modules)
+        self.offloader = offloader
+        for module in self.modules:
+            if "forward" in vars(module):
+                raise ValueError(f"{type(module).__name__}: its forward is already replaced on the instance; "
+                                 "layer-wise activation offload would hide that replacement")
+            original = module.forward
+
+            def forward(*args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
+                if not torch.is_grad_enabled():
+                    return _original(*args, **kwargs)  # evaluation: nothing is saved
+                return self.offloader.run(_original, *args, **kwargs)
+
+            module.forward = forward  # type: ignore[method-assign]
+
+    def detach(self) -> None:
+        for module in self.modules:
+            vars(module).pop("forward", None)
+        self.offloader.forget()
