@@ -112,3 +112,25 @@ def test_io_error_mid_run_raises_with_path_and_size_and_loses_no_state(tmp_path,
     monkeypatch.setattr(sw, "write_buffer", real_write)
     train(engine, 1, data)  # the disk is back: training goes on, unit 3 is written again
     assert opt.store._key(3) in sw and 3 not in opt.store._ready
+
+
+@pytest.mark.parametrize("stage,kind", [(2, "instance"), (0, "callable")])
+def test_client_optimizer_is_wrapped_with_the_same_math(stage, kind):
+    from megatron_offload_plugin.deepspeed import initialize
+    from megatron_offload_plugin.deepspeed.tiny import TinyGPT, init_single_process_dist
+
+    def run(section):
+        init_single_process_dist()
+        torch.manual_seed(0)
+        model = TinyGPT(SHAPE)
+        cfg = ds_config(stage=stage, section=section)
+        del cfg["optimizer"]
+        make = lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)  # noqa: E731
+        opt = make(model.parameters()) if kind == "instance" else make
+        engine, *_ = initialize(model=model, optimizer=opt, config=cfg)
+        return train(engine, STEPS, batches(SHAPE, 2)), engine
+
+    expected, _ = run(None)
+    losses, engine = run({"optimizer_states": {"device": "cpu"}})
+    assert losses == expected
+    assert layerwise_optimizer(engine).num_units == SHAPE.layers + 4
