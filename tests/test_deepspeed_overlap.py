@@ -35,9 +35,12 @@ def test_early_steps_give_the_same_losses(tmp_path, device, clip, clipped):
     assert losses == list(baseline(clip))
     overlap = engine.layerwise_offload_overlap
     n = layerwise_optimizer(engine).num_units
-    assert overlap.early_units_total == STEPS * n  # every unit stepped inside backward
-    # clip 1e-3 always clips: each step's speculation is undone and redone with the clipped gradients
-    assert overlap.rollbacks == (STEPS if clipped else 0)
+    if clipped:
+        # clip 1e-3 always clips: the first step's speculation is undone and redone with the clipped
+        # gradients, after which speculation stays off (adaptive) and units step after backward
+        assert overlap.rollbacks == 1 and overlap.early_units_total == n and not overlap.speculate
+    else:
+        assert overlap.rollbacks == 0 and overlap.early_units_total == STEPS * n  # every unit inside backward
 
 
 def test_non_finite_gradient_norm_rolls_back_like_the_engine(tmp_path):
@@ -63,3 +66,31 @@ def test_overlap_refuses_bf16():
     cfg = ds_config(bf16=True, section={"optimizer_states": {"device": "cpu", "overlap_with_backward": True}})
     with pytest.raises(ValueError, match="overlap_with_backward=true does not fit this engine: fp16/bf16"):
         build(SHAPE, cfg)
+
+
+def test_speculation_turns_off_after_a_clipped_step_and_on_after_an_unclipped_one(tmp_path):
+    """Loss scaled x1000 on step 1 (clipped at 50), x1 afterwards (not clipped): exact throughout."""
+    scales = [1000.0, 1.0, 1.0, 1.0]
+
+    def run(section):
+        engine = build(SHAPE, ds_config(clip=50.0, section=section))
+        data, losses, spec = batches(SHAPE, 2), [], []
+        for scale in scales:
+            for _ in range(engine.gradient_accumulation_steps()):
+                x, y = data()
+                loss = engine(x, y)
+                engine.backward(loss * scale)
+                engine.step()
+            losses.append(float(loss))
+            overlap = getattr(engine, "layerwise_offload_overlap", None)
+            spec.append(overlap.speculate if overlap else None)
+        return losses, spec, engine
+
+    expected, _, _ = run(None)
+    losses, spec, engine = run({"optimizer_states": {"device": "cpu", "overlap_with_backward": True}})
+    assert losses == expected
+    assert spec == [False, True, True, True]
+    overlap = engine.layerwise_offload_overlap
+    n = layerwise_optimizer(engine).num_units
+    # step 1 speculated and rolled back; step 2 did not speculate; steps 3 and 4 stepped inside backward
+    assert overlap.rollbacks == 1 and overlap.early_units_total == 3 * n

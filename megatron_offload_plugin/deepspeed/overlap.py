@@ -25,6 +25,11 @@ Why clipping and overflow stay correct -- speculate, then verify and undo:
   (bitwise what the normal step computes); changed -> every early unit is restored
   and all units are stepped normally with the clipped gradients.
 * Without clipping nothing can change the gradients after backward, so nothing is copied.
+* Speculation is adaptive: after a step whose gradients were clipped, the next step
+  does not speculate (its units are stepped by ``optimizer.step()`` as without the
+  option, still checked against the probe); after an unclipped step it speculates
+  again.  Early in training, when nearly every step clips, this avoids paying for
+  the rollback copies and the redo every step.
 
 What it buys: the optimizer work and the state I/O of the last layers run while the
 first layers are still in backward; on one device with no spare cores it mostly moves
@@ -60,6 +65,7 @@ class BackwardOverlap:
         self._order = list(reversed(range(n)))  # backward order, for prefetching
         self.early_units_total = 0
         self.rollbacks = 0
+        self.speculate = True  # adaptive: off after a clipped step, on again after an unclipped one
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad)
                          for ps in self._unit_params for p in ps if p.requires_grad]
         optimizer.before_step = self.before_step
@@ -70,13 +76,15 @@ class BackwardOverlap:
         u = self._unit_of[id(param)]
         self._seen[u] += 1
         if self._seen[u] == self._need[u]:
-            self._step_early(u)
+            if self.clip > 0 and not self._probe:
+                with torch.no_grad():
+                    self._probe = [(p, p.grad.detach().clone()) for p in self._unit_params[u] if p.grad is not None]
+            if self.clip <= 0 or self.speculate:
+                self._step_early(u)
 
     @torch.no_grad()
     def _step_early(self, u: int) -> None:
         speculative = self.clip > 0
-        if speculative and not self._probe:
-            self._probe = [(p, p.grad.detach().clone()) for p in self._unit_params[u] if p.grad is not None]
         self.opt.step_unit(u, prefetch_order=self._order, stash=speculative)
         self._early.append(u)
         self.early_units_total += 1
@@ -86,17 +94,19 @@ class BackwardOverlap:
         early, self._early = self._early, []
         probe, self._probe = self._probe, []
         self._seen = [0] * len(self._seen)
+        if self.clip <= 0:
+            return set(early)
+        clipped = not all(p.grad is not None and torch.equal(p.grad, g) for p, g in probe)
+        self.speculate = not clipped
         if not early:
             return set()
-        if self.clip > 0:
-            unchanged = all(p.grad is not None and torch.equal(p.grad, g) for p, g in probe)
-            if not unchanged:  # DeepSpeed clipped (or the norm was not finite): undo, then step normally
-                for u in reversed(early):
-                    self.opt.restore_unit(u)
-                self.opt.commit_stash()
-                self.rollbacks += 1
-                return set()
+        if clipped:  # DeepSpeed clipped (or the norm was not finite): undo, then step normally
+            for u in reversed(early):
+                self.opt.restore_unit(u)
             self.opt.commit_stash()
+            self.rollbacks += 1
+            return set()
+        self.opt.commit_stash()
         return set(early)
 
     def remove(self) -> None:
