@@ -20,7 +20,8 @@ def test_defaults_are_documented_in_one_place():
     d = mds.defaults()
     assert d["optimizer_states"] == {"device": "none", "nvme_path": None, "prefetch_layers": 2,
                                      "overlap_with_backward": False}
-    assert d["activations"] == {"device": "none", "nvme_path": None, "min_tensor_bytes": 1048576, "modules": "all"}
+    assert d["activations"] == {"device": "none", "nvme_path": None, "min_tensor_bytes": 1048576,
+                                "prefetch_layers": None, "modules": "all"}
     for model in (section_config.OptimizerStatesConfig, section_config.ActivationsConfig,
                   section_config.LayerwiseOffloadConfig):
         assert all(f.description for f in model.model_fields.values()), model
@@ -145,9 +146,9 @@ def test_enable_refuses_an_unsupported_deepspeed(monkeypatch):
     assert not mds.is_enabled()
 
 
-def test_activation_offload_is_a_named_hook_point_until_wired():
-    cfg = ds_config(section={"activations": {"device": "cpu"}})
-    with pytest.raises(NotImplementedError, match="activations.device='cpu'.*not wired"):
+def test_activation_modules_that_match_nothing_fail_at_initialize_naming_the_pattern():
+    cfg = ds_config(section={"activations": {"device": "cpu", "modules": ["blocks.*"]}})
+    with pytest.raises(ValueError, match=r"layerwise_offload.activations.modules: 'blocks.\*' matches no module"):
         build(SHAPE, cfg)
 
 

@@ -93,6 +93,12 @@ class ActivationsConfig(_Strict):
     min_tensor_bytes: int = Field(
         1048576, ge=0, description="Saved tensors smaller than this stay in memory (offload costs more than it saves)."
     )
+    prefetch_layers: int | None = Field(
+        None, ge=0,
+        description=("Layers reloaded ahead of the one backward is in (unset: 1 on a GPU, where the copy overlaps "
+                     "that layer's backward; 0 on a CPU, where copies are synchronous and a prefetch only holds "
+                     "memory longer)."),
+    )
     modules: Literal["all"] | list[str] = Field(
         "all",
         description=("'all': every transformer layer (each child of the model's layer list); or a list of "

@@ -191,17 +191,13 @@ def _zero_supported_list() -> list[Any]:
 
 
 def wire_activations(engine: Any, section: LayerwiseOffloadConfig, ds_config: Mapping[str, Any]) -> None:
-    """Hook point for ``layerwise_offload.activations`` (wired by the shared activation-offload engine).
-
-    Called once per engine after DeepSpeed built it, with the validated section.
-    Until the engine is wired here, asking for activation offload fails loudly.
-    """
+    """``layerwise_offload.activations``: the shared offload engine on the selected layers
+    (:mod:`.activations`); called once per engine after DeepSpeed built it."""
     if section.activations.device == "none":
         return
-    raise NotImplementedError(
-        f"{SECTION}.activations.device={section.activations.device!r}: layer-wise activation offload is not wired "
-        "to DeepSpeed in this build yet; set activations.device='none'"
-    )
+    from .activations import attach_activation_offload
+
+    attach_activation_offload(engine, section, ds_config, option=f"{SECTION}.activations")
 
 
 # ------------------------------------------------------------------ initialize / enable
