@@ -203,7 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     for name in runs:
         cmd = [sys.executable, "-m", "megatron_offload_plugin.bench.deepspeed", *base, "--child", name]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        # each run is its own single-rank job: never inherit a caller's rendezvous (its port may be taken)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")), None)
         if proc.returncode != 0 or line is None:
             print(f"bench deepspeed: run '{name}' failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}", file=sys.stderr)
