@@ -105,3 +105,13 @@ def test_selective_options_are_checked_together():
         config_from_mapping({"activation_offload": {"mode": "selective", "fraction": 0.5, "chunks": "0"}}, source="test")
     with pytest.raises(ValueError, match=r"only applies to --activation-offload selective; got --activation-offload full"):
         config_from_mapping({"activation_offload": {"mode": "full", "fraction": 0.5}}, source="test")
+
+
+@pytest.mark.multiprocess
+def test_checkpoint_offload_without_recompute_fails_naming_the_options(tiny_gpt):
+    from megatron_offload_plugin.testing.distributed import DistributedRunError
+
+    recipe = dict(tiny_gpt, global_batch_size=4, pipeline_model_parallel_size=2)
+    with pytest.raises(DistributedRunError, match="--checkpoint-offload offloads what Megatron's full recompute keeps"):
+        run_distributed(offload_equivalence_worker, 2, recipe, "1f1b", [{"checkpoint_offload": True}], 1,
+                        timeout_s=300)

@@ -169,6 +169,12 @@ def run_program(
     if offload is not None and not forward_only and (offloaded_units or w_offload_units or offload.regions is not None):
         engine = offload.engine(p for chunk in chunks for p in chunk.parameters())
     regions = offload.regions if offload is not None else None
+    if regions is not None and getattr(config, "recompute_granularity", None) != "full":
+        raise ValueError(
+            "--checkpoint-offload offloads what Megatron's full recompute keeps; this model has "
+            f"recompute_granularity={getattr(config, 'recompute_granularity', None)!r}. Add "
+            "--recompute-granularity full --recompute-method uniform|block, or drop --checkpoint-offload"
+        )
     w_offloaded: set[tuple[int, int]] = set()  # units whose W inputs wait on the host
 
     no_sync = config.no_sync_func
