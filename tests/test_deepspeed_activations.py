@@ -67,3 +67,17 @@ def test_activation_offload_is_bitwise_and_keeps_about_one_layer(tmp_path, devic
     assert "forward" not in vars(attached.modules[0])
     if device == "nvme":
         assert list(tmp_path.iterdir()) == []
+
+
+def test_every_shipped_layerwise_config_parses():
+    import json
+    from pathlib import Path
+
+    from megatron_offload_plugin.deepspeed import section_from_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    paths = sorted(root.glob("deepspeed_layerwise_*.json"))
+    assert len(paths) >= 7
+    for path in paths:
+        section = section_from_config(json.loads(path.read_text()))
+        assert section is not None and section.enabled, path.name
