@@ -81,7 +81,7 @@ def test_speculation_turns_off_after_a_clipped_step_and_on_after_an_unclipped_on
                 loss = engine(x, y)
                 engine.backward(loss * scale)
                 engine.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             overlap = getattr(engine, "layerwise_offload_overlap", None)
             spec.append(overlap.speculate if overlap else None)
         return losses, spec, engine
