@@ -12,5 +12,5 @@ exec "${VENV:-$ROOT/.venv}/bin/torchrun" --nproc-per-node "$NPROC" --master-addr
     --max-position-embeddings 256 --micro-batch-size 1 --global-batch-size 8 \
     --pipeline-model-parallel-size 4 --train-iters "${TRAIN_ITERS:-10}" --lr 1e-3 \
     --lr-warmup-iters 2 --seed 1234 --log-interval 1 \
-    --pipeline-schedule megatron --activation-offload none \
+    --pipeline-schedule zb-h1 --activation-offload full \
     --json-summary "${JSON_SUMMARY:-/tmp/megatron_offload_plugin_demo.json}" "$@"
