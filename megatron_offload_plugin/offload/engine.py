@@ -182,8 +182,7 @@ class OffloadEngine:
         self._resident_by_key: dict[_StorageKey, _Storage] = {}
         self._lock = threading.RLock()
         self.stats = OffloadStats()
-        self.total = OffloadStats()
-        self._pending_host_release: list[tuple[Ticket, torch.Tensor, bool]] = []
+        self._pending_host_release: list[tuple[Ticket, torch.Tensor]] = []
         self._timed: list[tuple[str, Ticket]] = []
         self.nvme = nvme
         self._nvme_keys = itertools.count()
@@ -291,14 +290,13 @@ class OffloadEngine:
             for storage in record.storages:
                 if storage.flat is None:
                     continue
+                self._resident_by_key.pop(_storage_key(storage.flat), None)
                 if storage.live == 0 and id(storage) not in held_storages:
                     # Saved and already dropped (a recompute inside backward): nothing to keep.
-                    self._resident_by_key.pop(_storage_key(storage.flat), None)
                     storage.flat = storage.accounting = None  # no host copy: reload skips it
                     continue
                 host = self.nvme.buffer(storage.nbytes) if self.nvme is not None else self.pool.acquire(storage.nbytes)
                 ticket = self.copies.d2h(storage.flat, host)
-                self._resident_by_key.pop(_storage_key(storage.flat), None)
                 storage.host, storage.d2h = host, ticket
                 storage.flat = None
                 storage.accounting = None  # the tracker stops counting it: it left the device
@@ -311,8 +309,6 @@ class OffloadEngine:
             record.state = "offloaded"
             self.stats.offloaded_bytes += moved
             self.stats.offloaded_units += 1
-            self.total.offloaded_bytes += moved
-            self.total.offloaded_units += 1
             return moved
 
     def reload(self, unit: UnitKey) -> None:
@@ -368,14 +364,13 @@ class OffloadEngine:
             return
         flat, ticket = self.copies.h2d(storage.host, self.device, storage.nbytes, storage.d2h)
         storage.flat, storage.h2d = flat, ticket
-        self._pending_host_release.append((ticket, storage.host, self.nvme is not None))
+        self._pending_host_release.append((ticket, storage.host))
         storage.host = None
         outer = storage.unit.outer
         if storage.counted and outer is not None:
             storage.accounting = outer[0](flat)  # resident again: the tracker counts it again
         self._count_copy(ticket, "h2d")
         self.stats.reloaded_bytes += storage.nbytes
-        self.total.reloaded_bytes += storage.nbytes
         self._release_finished_host_buffers()
 
     def ensure_resident(self, unit: UnitKey) -> None:
@@ -383,7 +378,6 @@ class OffloadEngine:
         with self._lock:
             if self._record(unit).state == "offloaded":
                 self.stats.on_demand_reloads += 1
-                self.total.on_demand_reloads += 1
                 self.reload(unit)
 
     def _ensure_resident(self, storage: _Storage) -> torch.Tensor:
@@ -409,14 +403,14 @@ class OffloadEngine:
 
     def _count_copy(self, ticket: Ticket, direction: str) -> None:
         if isinstance(self.copies, HostCopies):
-            self._add_seconds(direction, ticket.seconds(), ticket.seconds())
+            seconds = ticket.seconds()
+            self._add_seconds(direction, seconds, seconds)
         else:
             self._timed.append((direction, ticket))  # read once the events have ended
 
     def _add_seconds(self, direction: str, copy_s: float, exposed_s: float) -> None:
-        for stats in (self.stats, self.total):
-            setattr(stats, f"{direction}_seconds", getattr(stats, f"{direction}_seconds") + copy_s)
-            stats.exposed_seconds += exposed_s
+        setattr(self.stats, f"{direction}_seconds", getattr(self.stats, f"{direction}_seconds") + copy_s)
+        self.stats.exposed_seconds += exposed_s
 
     def _settle_timings(self) -> None:
         """GPU: turn ended copies' events into seconds (copy time, and the part compute waited for)."""
@@ -429,17 +423,18 @@ class OffloadEngine:
 
     def _release_finished_host_buffers(self, wait: bool = False) -> None:
         keep = []
-        for ticket, host, aio_buffer in self._pending_host_release:
+        for ticket, host in self._pending_host_release:
             if wait:
                 ticket.synchronize()
             if ticket.done():
-                self._give_back(host, aio_buffer)
+                self._give_back(host)
             else:
-                keep.append((ticket, host, aio_buffer))
+                keep.append((ticket, host))
         self._pending_host_release = keep
 
-    def _give_back(self, host: torch.Tensor, aio_buffer: bool) -> None:
-        if aio_buffer:
+    def _give_back(self, host: torch.Tensor) -> None:
+        """A host buffer back where it came from: the NVMe tier's aio buffers, else the pool."""
+        if self.nvme is not None:
             self.nvme.release_buffer(host)
         else:
             self.pool.release(host)
@@ -464,7 +459,7 @@ class OffloadEngine:
                 if storage.host is not None:
                     if storage.d2h is not None:
                         storage.d2h.synchronize()
-                    self._give_back(storage.host, self.nvme is not None)
+                    self._give_back(storage.host)
                 if storage.nvme_key is not None:
                     self._free_nvme_keys.append(storage.nvme_key)
                     storage.nvme_key = None
