@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..offload.copies import default_copy_lead
 from ..offload.engine import OffloadEngine
 from ..offload.regions import LayerwiseOffload, RegionOffloader
 
@@ -45,19 +46,17 @@ class ActivationOffloadAttachment:
     def __init__(self, ds_engine: Any, section: Any, ds_config: Mapping[str, Any], option: str) -> None:
         act = section.activations
         model = ds_engine.module
-        self.swap: tuple[Any, Any] | None = None
-        nvme = None
+        self.swap: Any = None  # nvme.SwapTier with device 'nvme'
         if act.device == "nvme":
-            from ..offload.nvme import AioSwapper, SwapFolder
+            from ..offload.nvme import SwapTier
 
-            folder = SwapFolder(act.nvme_path, option=f"{option}.nvme_path")
-            swapper = AioSwapper(folder, section.aio if section.aio is not None else ds_config.get("aio"))
-            self.swap = (folder, swapper)
-            nvme = swapper
+            aio = section.aio if section.aio is not None else ds_config.get("aio")
+            self.swap = SwapTier(act.nvme_path, aio, option=f"{option}.nvme_path")
+        nvme = self.swap.swapper if self.swap is not None else None
         self.engine = OffloadEngine(device=ds_engine.device, min_tensor_bytes=act.min_tensor_bytes,
                                     exclude=list(model.parameters()), nvme=nvme)
         self.modules = select_modules(model, act.modules, f"{option}.modules")
-        prefetch = act.prefetch_layers if act.prefetch_layers is not None else (1 if self.engine.device.type == "cuda" else 0)
+        prefetch = act.prefetch_layers if act.prefetch_layers is not None else default_copy_lead(self.engine.device)
         self.hooks = LayerwiseOffload(self.modules, RegionOffloader(self.engine, prefetch=prefetch, name="layer"))
 
     def take_stats(self) -> dict[str, Any]:
@@ -67,9 +66,7 @@ class ActivationOffloadAttachment:
         self.hooks.detach()
         self.engine.close()
         if self.swap is not None:
-            folder, swapper = self.swap
-            swapper.close()
-            folder.close()
+            self.swap.close()
             self.swap = None
 
 

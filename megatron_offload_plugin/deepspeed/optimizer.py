@@ -31,7 +31,7 @@ from typing import Any, Iterable
 
 import torch
 
-from ..offload.nvme import AioSwapper, SwapFolder
+from ..offload.nvme import SwapTier
 
 logger = logging.getLogger(__name__)
 
@@ -126,12 +126,8 @@ class NvmeLayerStore:
     def __init__(self, device: torch.device, nvme_path: str, aio_config: dict[str, Any] | None,
                  *, cap_layers: int) -> None:
         self.device = device
-        self.folder = SwapFolder(nvme_path, option="layerwise_offload.optimizer_states.nvme_path")
-        try:
-            self.swapper = AioSwapper(self.folder, aio_config)
-        except BaseException:
-            self.folder.close()
-            raise
+        self.tier = SwapTier(nvme_path, aio_config, option="layerwise_offload.optimizer_states.nvme_path")
+        self.folder, self.swapper = self.tier.folder, self.tier.swapper
         self.cap_layers = cap_layers
         self._reading: dict[int, torch.Tensor] = {}
         self._ready: dict[int, torch.Tensor] = {}
@@ -294,9 +290,8 @@ class NvmeLayerStore:
     def close(self) -> None:
         try:
             self.forget()
-            self.swapper.close()
         finally:
-            self.folder.close()
+            self.tier.close()
 
 
 # ------------------------------------------------------------------ layout

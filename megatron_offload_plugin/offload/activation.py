@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..config.model import ActivationOffloadConfig
+from .copies import default_copy_lead
 from .engine import OffloadEngine
 from .host_pool import HostPool
 from .regions import RegionOffloader
@@ -26,7 +27,7 @@ class ActivationOffload:
         self.config = config
         self.pool = HostPool(config.host_pool_bytes, option="--offload-host-pool-bytes")
         self._engine: OffloadEngine | None = None
-        self._swap: tuple[Any, Any] | None = None  # (SwapFolder, AioSwapper) of the NVMe tier
+        self._swap: Any = None  # the NVMe tier's nvme.SwapTier
         self.regions: RegionOffloader | None = None
         if config.nvme_path is not None:
             from .nvme import AioUnavailableError, aio_available, check_base_path
@@ -59,16 +60,15 @@ class ActivationOffload:
         """Compute actions between a RELOAD and its backward (see ``--offload-reload-lead``)."""
         if self.config.reload_lead is not None:
             return self.config.reload_lead
-        return 1 if torch.cuda.is_available() else 0
+        return default_copy_lead(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
     def _nvme_tier(self) -> Any:
         if self.config.nvme_path is None:
             return None
-        from .nvme import AioSwapper, SwapFolder
+        from .nvme import SwapTier
 
-        folder = SwapFolder(self.config.nvme_path, option="--offload-nvme-path")
-        self._swap = (folder, AioSwapper(folder))
-        return self._swap[1]
+        self._swap = SwapTier(self.config.nvme_path, option="--offload-nvme-path")
+        return self._swap.swapper
 
     def policy(self) -> Any:
         """The schedule pass's :class:`~megatron_offload_plugin.schedules.offload.OffloadPolicy`."""
@@ -98,9 +98,7 @@ class ActivationOffload:
         if self._engine is not None:
             self._engine.close()
         if self._swap is not None:
-            folder, swapper = self._swap
-            swapper.close()
-            folder.close()
+            self._swap.close()
             self._swap = None
 
 

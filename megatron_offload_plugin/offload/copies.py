@@ -129,3 +129,9 @@ class CudaCopies:
 
 def make_copies(device: torch.device) -> HostCopies | CudaCopies:
     return CudaCopies(device) if device.type == "cuda" else HostCopies()
+
+
+def default_copy_lead(device: torch.device) -> int:
+    """How many compute steps ahead a reload starts by default: 1 where copies overlap compute
+    (a GPU's copy streams), 0 where they are synchronous (a CPU: a lead only holds memory longer)."""
+    return 1 if device.type == "cuda" else 0

@@ -510,3 +510,26 @@ class AioSwapper:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SwapTier:
+    """A private swap folder and the aio swapper writing into it, opened and closed as one.
+
+    If the swapper cannot be built the folder is removed at once; closing waits for the
+    swapper's pending transfers (their errors still raise) and always removes the folder.
+    """
+
+    def __init__(self, base: str | os.PathLike[str], aio_config: Mapping[str, Any] | None = None,
+                 *, option: str = "nvme_path") -> None:
+        self.folder = SwapFolder(base, option=option)
+        try:
+            self.swapper = AioSwapper(self.folder, aio_config)
+        except BaseException:
+            self.folder.close()
+            raise
+
+    def close(self) -> None:
+        try:
+            self.swapper.close()
+        finally:
+            self.folder.close()
