@@ -299,9 +299,14 @@ def run_program(
             w_offloaded.discard(unit)
             engine.release(("W", *unit))
 
+    following_compute: list[Step | None] = [None] * len(program)  # the next compute action after each index
+    for i in range(len(program) - 2, -1, -1):
+        after = program[i + 1]
+        following_compute[i] = after if after.is_compute else following_compute[i + 1]
+
     def prefetch_weight_inputs(index: int) -> None:
         """Reload a W's kept tensors one compute action ahead of it."""
-        following = next((s for s in program[index + 1:] if s.is_compute), None)
+        following = following_compute[index]
         if following is not None and following.kind is Kind.W and (following.chunk, following.microbatch) in w_offloaded:
             key = ("W", following.chunk, following.microbatch)
             if engine.is_offloaded(key):
