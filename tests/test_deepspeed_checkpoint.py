@@ -20,7 +20,9 @@ def _section(device, tmp_path):
 @pytest.mark.parametrize("stage,bf16,device", [
     (0, False, "cpu"),
     (2, True, "cpu"),
+    (1, True, "cpu"),
     pytest.param(1, False, "nvme", marks=pytest.mark.skipif(not AIO_OK, reason=AIO_WHY)),
+    pytest.param(2, True, "nvme", marks=pytest.mark.skipif(not AIO_OK, reason=AIO_WHY)),
     pytest.param(0, True, "nvme", marks=pytest.mark.skipif(not AIO_OK, reason=AIO_WHY)),
 ])
 def test_resume_continues_bitwise(tmp_path, stage, bf16, device):
@@ -46,6 +48,9 @@ def test_resume_continues_bitwise(tmp_path, stage, bf16, device):
         assert torch.equal(v, weights[k]), k
     opt = layerwise_optimizer(resumed)
     assert not any(opt.inner.state.get(p) for g in opt.param_groups for p in g["params"])  # re-offloaded
+    if stage:  # ZeRO's fp32 masters went back to the layer buffers too
+        assert opt.offloads_master_weights
+        assert all(m.untyped_storage().nbytes() == 0 for m in resumed.optimizer.single_partition_of_fp32_groups)
 
 
 def test_checkpoint_holds_the_offloaded_states(tmp_path):

@@ -134,3 +134,34 @@ def test_client_optimizer_is_wrapped_with_the_same_math(stage, kind):
     losses, engine = run({"optimizer_states": {"device": "cpu"}})
     assert losses == expected
     assert layerwise_optimizer(engine).num_units == SHAPE.layers + 4
+
+
+@pytest.mark.parametrize("stage,bf16,device", [
+    (1, True, "cpu"),
+    (2, False, "cpu"),
+    pytest.param(2, True, "nvme", marks=needs_aio),
+])
+def test_zero_master_weights_live_in_the_layer_buffers_between_steps(tmp_path, stage, bf16, device):
+    losses, engine = run_section(tmp_path, stage, bf16, device)
+    assert losses == list(baseline(stage, bf16))
+    opt = layerwise_optimizer(engine)
+    zero = engine.optimizer
+    masters = zero.single_partition_of_fp32_groups
+    master_bytes = [m.numel() * m.element_size() for m in masters]
+    assert opt.offloads_master_weights and opt.master_bytes == sum(master_bytes)
+    assert all(m.untyped_storage().nbytes() == 0 for m in masters)  # released: only the layer buffers hold them
+    assert 0 < opt.master_resident_bytes_peak <= max(master_bytes)  # one layer's masters at a time
+    with opt.master_weights_resident(writes=False):
+        for m, lp in zip(masters, zero.bit16_groups_flat):
+            assert torch.equal(m.to(lp.dtype), lp)  # the masters the model's weights were copied from
+    assert all(m.untyped_storage().nbytes() == 0 for m in masters)
+    zero.refresh_fp32_params()  # a ZeRO method writing every master: materialized around it, stored again
+    assert all(m.untyped_storage().nbytes() == 0 for m in masters)
+    with opt.master_weights_resident(writes=False):
+        assert all(torch.equal(m, lp.float()) for m, lp in zip(masters, zero.bit16_groups_flat))
+
+
+def test_stage0_bf16_keeps_master_weights_resident(tmp_path):
+    # DeepSpeed's stage-0 bf16 optimizer copies every master into the model only after the whole step
+    _, engine = run_section(tmp_path, 0, True, "cpu")
+    assert not layerwise_optimizer(engine).offloads_master_weights

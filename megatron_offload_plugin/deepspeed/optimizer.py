@@ -21,11 +21,21 @@ scalars such as Adam's ``step`` stay in memory.  A step walks the layers:
 Resident optimizer-state memory is at most ``prefetch_layers + 2`` layers' buffers
 (the one stepped, the prefetched ones, one in flight); :attr:`resident_bytes_peak`
 measures it.
+
+Master weights (:meth:`LayerwiseOffloadOptimizer.offload_master_weights`, used at
+ZeRO-1/2, whose fp32 partitions are copies of the model's weights): the parameters
+this optimizer steps travel in their layer's buffer too.  Between steps their
+storage is released (``untyped_storage().resize_(0)``, so the tensor objects, their
+shapes and every view DeepSpeed holds stay valid); a step materializes a layer's
+masters from its buffer before the update, and releases them when the next layer
+starts, after ZeRO copied them into the model's weights: during a step one layer's
+masters are materialized at a time (:attr:`master_resident_bytes_peak`).
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -36,6 +46,7 @@ from ..offload.nvme import SwapTier
 logger = logging.getLogger(__name__)
 
 _ALIGN = 64  # byte alignment of each state tensor inside a layer's flat buffer
+MASTER = "__master_weight__"  # layout entry of a parameter's own bytes (offloaded master weights)
 
 
 class LayerwiseOffloadError(RuntimeError):
@@ -367,6 +378,13 @@ class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
         #: Called at the start of step(); returns units already stepped this iteration (see overlap.py).
         self.before_step: Any = None
         self.steps_taken = 0
+        # master weights (offload_master_weights): off until the wiring turns them on
+        self._masters = False
+        self._masters_pinned = 0  # > 0: inside master_weights_resident(), every master stays materialized
+        self._master_nbytes: dict[int, int] = {}  # id(param) -> storage bytes, for a released master
+        self._to_release: list[int] = []  # units stepped whose masters wait for the engine's copy-back
+        self._master_resident = 0  # bytes of master storages materialized now
+        self.master_resident_bytes_peak = 0
         if any(inner.state.get(p) for g in self._all_groups for p in g["params"]):
             for u in range(len(self._units)):  # a client optimizer that already holds states
                 self._pack(u, None, None)
@@ -421,8 +439,13 @@ class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
 
     @property
     def layer_bytes(self) -> dict[int, int]:
-        """Bytes of each unit's packed states (known after the first step)."""
+        """Bytes of each unit's packed buffer: states and, when offloaded, master weights (known after the first step)."""
         return {u: lay.nbytes for u, lay in self._layouts.items()}
+
+    @property
+    def master_bytes(self) -> int:
+        """Bytes of the master weights kept in the layer buffers (0 unless :meth:`offload_master_weights`)."""
+        return sum(e.nbytes for lay in self._layouts.values() for e in lay.entries if e.name == MASTER)
 
     def _index(self, group: dict[str, Any]) -> int:
         i = self._index_by_id.get(id(group))
@@ -454,6 +477,7 @@ class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
         With ``stash``, the unit's parameters and states are first copied into the store's
         rollback area, so that :meth:`restore_unit` can undo the step.
         """
+        self.release_master_weights()  # the previous layer's: ZeRO copied them into the model's weights by now
         layout = self._layouts.get(u)
         buf = self.store.fetch(u) if layout is not None else None
         if stash:
@@ -530,11 +554,25 @@ class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
         return list(params) if pos is None else [params[k] for k in pos]
 
     def _attach(self, i: int, layout: _Layout, buf: torch.Tensor) -> None:
+        self._attach_states(i, layout, buf)
+        self._attach_masters(i, layout, buf)
+
+    def _attach_states(self, i: int, layout: _Layout | None, buf: torch.Tensor | None) -> None:
+        """The unit's states into ``inner.state``: views of ``buf`` for the big ones, the scalars as kept."""
         params = self._params(i)
-        for e in layout.entries:
-            self.inner.state[params[e.param]][e.name] = layout.view(buf, e)
+        if layout is not None and buf is not None:
+            for e in layout.entries:
+                if e.name != MASTER:
+                    self.inner.state[params[e.param]][e.name] = layout.view(buf, e)
         for (pi, name), v in self._small.get(i, {}).items():
             self.inner.state[params[pi]][name] = v
+
+    def _repack(self, u: int) -> None:
+        """Pack unit ``u`` again from its stored states and its parameters as they are now."""
+        layout = self._layouts.get(u)
+        buf = self.store.fetch(u) if layout is not None else None
+        self._attach_states(u, layout, buf)
+        self._pack(u, layout, buf)
 
     def _pack(self, i: int, layout: _Layout | None, buf: torch.Tensor | None) -> None:
         """Move unit ``i``'s states out of ``inner.state`` into its buffer and hand that to the store."""
@@ -547,12 +585,20 @@ class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
                     big.append((pi, name, v))
                 else:
                     small[(pi, name)] = v
+        masters = self._masters and not self._masters_pinned
+        if masters:
+            big.extend((pi, MASTER, p.detach()) for pi, p in enumerate(params))
         in_place = (
             layout is not None and buf is not None
             and layout.spec() == tuple((pi, n, t.dtype, tuple(t.shape)) for pi, n, t in big)
-            and all(t.data_ptr() == layout.view(buf, e).data_ptr() for (_, _, t), e in zip(big, layout.entries))
+            and all(n == MASTER or t.data_ptr() == layout.view(buf, e).data_ptr()
+                    for (_, n, t), e in zip(big, layout.entries))
         )
-        if not in_place:
+        if in_place:
+            for (_, n, t), e in zip(big, layout.entries):
+                if n == MASTER:
+                    layout.view(buf, e).copy_(t)
+        else:
             if not big:
                 if buf is not None:
                     self.store.discard(buf)
@@ -574,6 +620,8 @@ class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
         for p in params:
             self.inner.state.pop(p, None)
         self.store.store(i, buf, layout.nbytes)
+        if masters:
+            self._to_release.append(i)
 
     # -- checkpoints: every layer's states, materialized for the duration of the call
     def state_dict(self) -> dict[str, Any]:
@@ -584,7 +632,8 @@ class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
                 buf = self.store.fetch(i)
                 params = self._params(i)
                 for e in layout.entries:
-                    self.inner.state[params[e.param]][e.name] = layout.view(buf, e).clone()
+                    if e.name != MASTER:  # the engine saves its master weights itself
+                        self.inner.state[params[e.param]][e.name] = layout.view(buf, e).clone()
                 self.store.store(i, buf, layout.nbytes, dirty=False)
                 attached.extend(params)
             for i, small in self._small.items():
@@ -598,17 +647,110 @@ class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
                 self.inner.state.pop(p, None)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.store.forget()
-        self._layouts.clear()
-        self._small.clear()
-        self.inner.state.clear()
-        self.inner.load_state_dict(state_dict)
-        self._all_groups = self.inner.param_groups
-        self.param_groups = self._all_groups
-        self._build_units()
-        for i in range(len(self._units)):
-            self._pack(i, None, None)
-            self.store.drain()  # one layer in flight at a time
+        with self.master_weights_resident(writes=True):
+            self.store.forget()
+            self._layouts.clear()
+            self._small.clear()
+            self.inner.state.clear()
+            self.inner.load_state_dict(state_dict)
+            self._all_groups = self.inner.param_groups
+            self.param_groups = self._all_groups
+            self._build_units()
+            for i in range(len(self._units)):
+                self._pack(i, None, None)
+                self.store.drain()  # one layer in flight at a time
+
+    # -- master weights
+    def offload_master_weights(self) -> None:
+        """Keep the parameters this optimizer steps in the store between steps too.
+
+        Only for parameters that are master *copies* (ZeRO-1/2's fp32 partitions):
+        the engine must not read them between steps except through
+        :meth:`master_weights_resident` (the wiring wraps those engine methods).
+        """
+        if self._masters:
+            return
+        if self.before_step is not None:
+            raise LayerwiseOffloadError("master-weight offload cannot be combined with overlap_with_backward")
+        self._masters = True
+        self._master_resident = sum(p.untyped_storage().nbytes() for u in range(len(self._units)) for p in self._params(u))
+        for u in range(len(self._units)):
+            self._repack(u)
+            self.release_master_weights()
+        self.master_resident_bytes_peak = self._master_resident  # counted from here: what training adds
+
+    @property
+    def offloads_master_weights(self) -> bool:
+        return self._masters
+
+    def _account_master(self, delta: int) -> None:
+        self._master_resident += delta
+        self.master_resident_bytes_peak = max(self.master_resident_bytes_peak, self._master_resident)
+
+    def _materialize(self, p: torch.Tensor) -> torch.Tensor:
+        nbytes = self._master_nbytes.pop(id(p), None)
+        if nbytes is not None:
+            p.untyped_storage().resize_(nbytes)
+            self._account_master(nbytes)
+        return p.detach()
+
+    def _release(self, p: torch.Tensor) -> None:
+        storage = p.untyped_storage()
+        nbytes = storage.nbytes()
+        if nbytes and id(p) not in self._master_nbytes:
+            self._master_nbytes[id(p)] = nbytes
+            storage.resize_(0)
+            self._account_master(-nbytes)
+
+    def release_master_weights(self) -> None:
+        """Release the master weights of the units stepped since the last call (their buffers hold them)."""
+        if self._masters_pinned:
+            return
+        units, self._to_release = self._to_release, []
+        for u in units:
+            for p in self._params(u):
+                self._release(p)
+
+    @contextmanager
+    def master_weights_resident(self, *, writes: bool) -> Any:
+        """Every master weight materialized for the block (checkpoint save/load, refresh from the model).
+
+        With ``writes`` the block may change masters or states, so every layer is packed
+        (and written) again afterwards; without, the buffers still hold the same bytes
+        and the masters are just released.
+        """
+        if not self._masters:
+            yield
+            return
+        outer = self._masters_pinned == 0
+        self._masters_pinned += 1
+        try:
+            if outer:
+                self.store.drain()
+                for u, layout in sorted(self._layouts.items()):
+                    if any(e.name == MASTER for e in layout.entries):
+                        buf = self.store.fetch(u)
+                        self._attach_masters(u, layout, buf)
+                        self.store.store(u, buf, layout.nbytes, dirty=False)
+            yield
+        finally:
+            self._masters_pinned -= 1
+            if outer:
+                self.store.drain()
+                units = range(len(self._units))
+                if writes:
+                    for u in units:
+                        self._repack(u)
+                        self.release_master_weights()
+                else:
+                    self._to_release.extend(units)
+                    self.release_master_weights()
+
+    def _attach_masters(self, u: int, layout: _Layout, buf: torch.Tensor) -> None:
+        params = self._params(u)
+        for e in layout.entries:
+            if e.name == MASTER:
+                self._materialize(params[e.param]).copy_(layout.view(buf, e))
 
     def close(self) -> None:
         self.store.close()

@@ -235,6 +235,12 @@ def _initialize_with(upstream: Any, bound: inspect.BoundArguments) -> Any:
                 if added:
                     supported.remove(LayerwiseOffloadOptimizer)
                 patches.revert()
+    if section.optimizer_states.device != "none":
+        from .masters import attach_master_offload
+
+        opt = layerwise_optimizer(result[0])
+        if opt is not None:
+            attach_master_offload(result[0], opt)
     wire_activations(result[0], section, ds_config)
     return result
 
