@@ -30,8 +30,36 @@ def test_bench_deepspeed_json_has_the_three_runs_and_nvme_figures(tmp_path, caps
         assert set(run) >= {"name", "losses", "step_time_s", "peak_rss_bytes", "optimizer_state_bytes_resident_peak"}
         assert len(run["losses"]) == 3
     assert runs["layerwise"]["losses"] == runs["plain"]["losses"]
-    assert set(runs["layerwise"]) >= {"aio_read_gbps", "aio_write_gbps", "disk_read_gbps", "disk_write_gbps"}
-    assert all(runs["layerwise"][k] > 0 for k in ("aio_read_gbps", "aio_write_gbps", "disk_read_gbps", "disk_write_gbps"))
+    lw = runs["layerwise"]
+    for d in ("read", "write"):  # figures of the training steps' own transfers, next to the disk probe
+        assert lw[f"disk_{d}_gbps"] > 0
+        assert 0 <= lw[f"aio_timed_{d}_bytes"] <= lw[f"aio_{d}_bytes"]
+        if lw[f"aio_timed_{d}_bytes"]:  # tiny layers: a wait may never block, then there is no figure
+            assert lw[f"aio_{d}_gbps"] > 0
+            assert lw[f"aio_{d}_vs_disk"] == pytest.approx(lw[f"aio_{d}_gbps"] / lw[f"disk_{d}_gbps"])
+        else:
+            assert lw[f"aio_{d}_gbps"] is None and lw[f"aio_{d}_vs_disk"] is None
+    # every step writes every layer's states; the steps after the first read them back
+    assert lw["aio_write_bytes"] >= 3 * lw["optimizer_state_bytes"]
+    assert lw["aio_read_bytes"] >= 2 * lw["optimizer_state_bytes"]
+    assert lw["aio_wait_s"] >= 0
+    assert lw["aio_timed_rw_bytes"] <= lw["aio_read_bytes"] + lw["aio_write_bytes"]
+    assert (lw["aio_rw_gbps"] is None) == (lw["aio_timed_rw_bytes"] == 0)
+    assert "aio_bytes_read" not in lw  # the after-training re-measure is gone
+
+
+def test_io_figures_put_in_training_aio_next_to_the_disk_probe():
+    from megatron_offload_plugin.bench.deepspeed import _io_figures
+    from megatron_offload_plugin.offload.nvme import DirectionStats, IOStats
+
+    io = IOStats(read=DirectionStats(bytes=3000, batches=3, timed_bytes=2000, timed_batches=2, timed_seconds=1e-6),
+                 write=DirectionStats(bytes=1000, batches=1),
+                 both=DirectionStats(bytes=4000, batches=3, timed_bytes=3000, timed_batches=1, timed_seconds=3e-6))
+    out = _io_figures(io, disk_write=4.0, disk_read=2.5)
+    assert out["aio_read_gbps"] == pytest.approx(2.0) and out["aio_read_vs_disk"] == pytest.approx(0.8)
+    assert (out["aio_read_bytes"], out["aio_timed_read_bytes"], out["disk_read_gbps"]) == (3000, 2000, 2.5)
+    assert (out["aio_write_gbps"], out["aio_write_vs_disk"], out["aio_write_bytes"]) == (None, None, 1000)
+    assert out["aio_rw_gbps"] == pytest.approx(1.0) and out["aio_timed_rw_bytes"] == 3000
 
 
 def test_bench_deepspeed_refuses_a_config_without_the_section(tmp_path, capsys):

@@ -7,6 +7,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,162 @@ def test_closed_swapper_refuses_io(tmp_path, aio_op):
         assert "k" in sw
         with pytest.raises(NvmeIOError, match="closed"):
             sw.write("k", torch.ones(3))
+
+
+# ------------------------------------------------------------------ two handles, per-direction statistics
+
+
+class _RecordingOp:
+    """The real aio op, whose handles remember which transfers they were given."""
+
+    def __init__(self, real):
+        self.real = real
+        self.handles = []
+
+    def aio_handle(self, *args):
+        real, calls = self.real.aio_handle(*args), []
+        self.handles.append(calls)
+
+        class Handle:
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def async_pwrite(self, buf, path, offset):
+                calls.append("write")
+                return real.async_pwrite(buf, path, offset)
+
+            def async_pread(self, buf, path, offset):
+                calls.append("read")
+                return real.async_pread(buf, path, offset)
+
+        return Handle()
+
+
+@needs_aio
+def test_reads_and_writes_in_flight_together_go_through_their_own_handles(tmp_path, aio_op):
+    rec = _RecordingOp(aio_op)
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(300_001, generator=gen), torch.randn(70_000, generator=gen)
+    with SwapFolder(tmp_path) as folder, AioSwapper(folder, aio_op=rec) as sw:
+        sw.write("a", a)
+        sw.wait()
+        out = torch.empty_like(a)
+        sw.read("a", out)
+        sw.write("b", b)  # a read and a write pending at once
+        assert sw.pending == 2
+        sw.wait()
+        assert torch.equal(out.view(torch.uint8), a.view(torch.uint8))
+        out_b = torch.empty_like(b)
+        sw.read("b", out_b)
+        sw.wait()
+        assert torch.equal(out_b.view(torch.uint8), b.view(torch.uint8))
+        buf = sw.buffer(1000)  # locked buffers still come and go
+        assert sw.locked_bytes >= buf.numel()
+        sw.release_buffer(buf)
+    assert sorted(map(tuple, rec.handles)) == [("read", "read"), ("write", "write")]
+
+
+@needs_aio
+def test_io_stats_count_bytes_per_direction_and_time_a_blocking_wait(swapper):
+    big = torch.ones(16 << 20)  # 64 MiB: no disk moves that in under a millisecond, so the wait blocks
+    small = torch.ones(100)
+    swapper.write("big", big)
+    swapper.write("small", small)
+    swapper.wait()
+    st = swapper.io_stats()
+    written = swapper._padded(big.numel() * 4) + swapper._padded(400)
+    assert (st.write.bytes, st.write.batches) == (written, 1)
+    assert (st.write.timed_bytes, st.write.timed_batches) == (written, 1)
+    assert st.write.timed_seconds > 0 and st.write.gbps == written / st.write.timed_seconds / 1e9
+    assert (st.read.bytes, st.read.batches, st.read.gbps) == (0, 0, None)
+    assert st.both == st.write
+    out = torch.empty_like(big)
+    swapper.read("big", out)
+    swapper.wait()
+    delta = swapper.io_stats().since(st)
+    assert (delta.read.bytes, delta.read.batches, delta.read.timed_batches) == (swapper._padded(big.numel() * 4), 1, 1)
+    assert delta.write.bytes == 0 and delta.write.gbps is None
+    assert swapper.io_stats().write == st.write
+
+
+class _FileHandle:
+    """An aio_handle doing plain file I/O at submit; ``wait`` sleeps ``delay`` seconds (a busy or idle disk)."""
+
+    delay = 0.0
+
+    def __init__(self, *args):
+        self.queued = 0
+
+    def new_cpu_locked_tensor(self, n, example):
+        return torch.empty(n, dtype=example.dtype)
+
+    def free_cpu_locked_tensor(self, t):
+        pass
+
+    def async_pwrite(self, buf, path, offset):
+        with open(path, "r+b") as f:
+            f.write(buf.numpy().tobytes())
+        self.queued += 1
+        return 0
+
+    def async_pread(self, buf, path, offset):
+        with open(path, "rb") as f:
+            buf.copy_(torch.frombuffer(bytearray(f.read(buf.numel())), dtype=torch.uint8))
+        self.queued += 1
+        return 0
+
+    def wait(self):
+        assert self.queued, "wait() with nothing pending"
+        time.sleep(self.delay)
+        done, self.queued = self.queued, 0
+        return done
+
+
+class _FileOp:
+    aio_handle = _FileHandle
+
+
+def test_wait_that_returns_at_once_counts_bytes_but_is_not_timed(tmp_path, monkeypatch):
+    with SwapFolder(tmp_path) as folder, AioSwapper(folder, aio_op=_FileOp()) as sw:
+        monkeypatch.setattr(_FileHandle, "delay", 0.0)
+        sw.write("k", torch.ones(1000))
+        time.sleep(0.02)  # the caller computes; the transfer is long done when it waits
+        sw.wait()
+        st = sw.io_stats().write
+        assert (st.bytes, st.batches, st.timed_batches, st.timed_bytes, st.gbps) == (4096, 1, 0, 0, None)
+        monkeypatch.setattr(_FileHandle, "delay", 0.01)  # now the disk is still busy when we wait
+        out = torch.empty(1000)
+        sw.read("k", out)
+        sw.write("k2", torch.ones(10))
+        sw.wait()
+        st = sw.io_stats()
+        assert torch.equal(out, torch.ones(1000))
+        assert (st.read.bytes, st.read.timed_bytes, st.read.timed_batches) == (4096, 4096, 1)
+        assert st.read.timed_seconds >= 0.01
+        assert (st.write.bytes, st.write.batches, st.write.timed_batches) == (4096 + 512, 2, 1)
+        assert (st.both.bytes, st.both.batches, st.both.timed_bytes) == (4096 * 2 + 512, 2, 4096 + 512)
+        # the read was submitted first, so waited first; the write's wait then blocked too (its handle slept)
+        assert st.both.timed_seconds >= st.read.timed_seconds + 0.01 - 1e-3
+        sw._handles["read"].delay = 0.0  # a read long done, a write still running: the span held idle time
+        sw.read("k", out)
+        time.sleep(0.02)
+        sw.write("k3", torch.ones(10))
+        sw.wait()
+        d = sw.io_stats().since(st)
+        assert (d.read.batches, d.read.timed_batches, d.write.timed_batches) == (1, 0, 1)
+        assert (d.both.bytes, d.both.batches, d.both.timed_batches) == (4096 + 512, 1, 0)
+
+
+@needs_aio
+@pytest.mark.parametrize("close", [True, False])
+def test_exit_with_reads_and_writes_pending_does_not_abort(tmp_path, close):
+    code = ("import sys, torch; from megatron_offload_plugin.offload.nvme import SwapFolder, AioSwapper\n"
+            "folder = SwapFolder(sys.argv[1]); sw = AioSwapper(folder)\n"
+            "sw.write('a', torch.ones(1 << 22)); sw.wait()\n"
+            "out = torch.empty(1 << 22); sw.read('a', out); sw.write('b', torch.ones(1 << 22))\n"
+            "assert sw.pending == 2\n"
+            f"if {close}: sw.close(); assert out.sum().item() == 1 << 22\n"
+            "print('done')\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == "done" and "Assertion" not in proc.stderr

@@ -12,12 +12,29 @@ extra op has to be JIT-built).  Per run: ``losses`` (one per optimizer step),
 ``step_time_s`` (median, first step excluded), ``peak_rss_bytes`` (``ru_maxrss``),
 ``optimizer_state_bytes_resident_peak`` (layerwise: measured peak of buffers the
 store held; others: all states, they are always resident) and
-``optimizer_state_bytes`` (all states).  With NVMe states the layerwise run also
-reports ``aio_write_gbps`` / ``aio_read_gbps`` (every layer's own buffer moved
-once through the run's aio handle right after training, waiting per layer) next to
-``disk_write_gbps`` / ``disk_read_gbps`` (plain O_DIRECT pwrite/pread of the same
-total size in the same folder, one thread), and ``aio_wait_s`` (time the training
-steps spent blocked on aio, i.e. I/O not hidden behind compute).
+``optimizer_state_bytes`` (all states).
+
+With NVMe states the layerwise run also reports, for the training steps only (the
+swapper's statistics are snapshotted right before the first step and read right
+after the last one, once the store has completed that step's transfers):
+
+* ``aio_read_gbps`` / ``aio_write_gbps``: throughput of the transfers the layer
+  store itself made while training, from :meth:`.nvme.AioSwapper.io_stats` (one aio
+  handle per direction): per direction, the bytes of the batches whose wait found
+  the I/O still running, over the time from each batch's first submit to its wait
+  returning.  A lower bound on what the disk delivered (the interval includes submit
+  gaps; reads and writes share the disk).  ``null`` when no wait ever blocked;
+* ``aio_timed_read_bytes`` / ``aio_timed_write_bytes``: the bytes those figures rest
+  on, out of ``aio_read_bytes`` / ``aio_write_bytes`` (all bytes moved, padded);
+* ``aio_wait_s``: time the steps spent blocked on aio (I/O not hidden behind compute);
+* ``disk_read_gbps`` / ``disk_write_gbps``: after training, in the same swap folder,
+  plain O_DIRECT sequential pwrite then pread of as many bytes as the store holds,
+  one thread, 1 MiB blocks (the write includes an fsync);
+* ``aio_read_vs_disk`` / ``aio_write_vs_disk``: the aio figure over the disk figure;
+* ``aio_rw_gbps`` / ``aio_timed_rw_bytes``: reads and writes counted together (the
+  store overlaps a layer's prefetch with another's write-back, so the two directions
+  split one disk): bytes of both over the time from the first submit while nothing
+  was pending to the last wait returning, for the batches where every wait blocked.
 """
 
 from __future__ import annotations
@@ -110,26 +127,17 @@ def _disk_gbps(folder: Path, nbytes: int, block: int = 1 << 20) -> tuple[float, 
     return total / write_s / 1e9, total / read_s / 1e9
 
 
-def _aio_gbps(store: Any) -> tuple[float, float]:
-    """Every layer's buffer written then read once through the run's own aio handle, waiting per layer."""
-    sw = store.swapper
-    keys = [k for k in list(sw._sizes) if k.endswith(".optim")]
-    write_s = read_s = 0.0
-    moved = 0
-    for key in keys:
-        size = sw.nbytes(key)
-        buf = sw.buffer(size)
-        t0 = time.perf_counter()
-        sw.read_buffer(key, buf)
-        sw.wait()
-        read_s += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        sw.write_buffer(key, buf, size)
-        sw.wait()
-        write_s += time.perf_counter() - t0
-        moved += buf.numel()
-        sw.release_buffer(buf)
-    return moved / max(write_s, 1e-9) / 1e9, moved / max(read_s, 1e-9) / 1e9
+def _io_figures(io: Any, disk_write: float, disk_read: float) -> dict[str, Any]:
+    """The aio keys of a run from the swapper's in-training :class:`.nvme.IOStats`, next to the disk probe."""
+    out: dict[str, Any] = {}
+    for name, st, disk in (("read", io.read, disk_read), ("write", io.write, disk_write)):
+        out[f"aio_{name}_gbps"] = st.gbps
+        out[f"aio_{name}_bytes"] = st.bytes
+        out[f"aio_timed_{name}_bytes"] = st.timed_bytes
+        out[f"disk_{name}_gbps"] = disk
+        out[f"aio_{name}_vs_disk"] = st.gbps / disk if st.gbps is not None else None
+    out["aio_rw_gbps"], out["aio_timed_rw_bytes"] = io.both.gbps, io.both.timed_bytes
+    return out
 
 
 def child(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -150,8 +158,16 @@ def child(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> dict[str,
         times.append(now - last[0])
         last[0] = now
 
-    losses = train(engine, args.steps, batches(shape, cfg["train_micro_batch_size_per_gpu"]), on_step=tick)
     opt = layerwise_optimizer(engine)
+    store = opt.store if opt is not None else None
+    on_nvme = hasattr(store, "swapper")
+    if on_nvme:
+        store.drain()  # nothing of the set-up is still in flight when the snapshot is taken
+        io_before, wait_before = store.swapper.io_stats(), store.read_seconds
+    losses = train(engine, args.steps, batches(shape, cfg["train_micro_batch_size_per_gpu"]), on_step=tick)
+    if on_nvme:
+        store.drain()  # completes the last step's transfers (training's own), nothing else
+        io, wait_s = store.swapper.io_stats().since(io_before), store.read_seconds - wait_before
     out: dict[str, Any] = {
         "name": name,
         "losses": losses,
@@ -168,14 +184,9 @@ def child(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> dict[str,
         out["optimizer_state_bytes_resident_peak"] = opt.resident_bytes_peak
         out["optimizer_state_bytes_largest_layer"] = max(opt.layer_bytes.values())
         out["prefetch_layers"] = opt.prefetch_layers
-        store = opt.store
-        if hasattr(store, "swapper"):
-            store.drain()
-            out["aio_wait_s"] = store.read_seconds
-            out["aio_bytes_read"] = store.swapper.bytes_read
-            out["aio_bytes_written"] = store.swapper.bytes_written
-            out["aio_write_gbps"], out["aio_read_gbps"] = _aio_gbps(store)
-            out["disk_write_gbps"], out["disk_read_gbps"] = _disk_gbps(store.folder.path, store.stored_bytes)
+        if on_nvme:
+            out["aio_wait_s"] = wait_s
+            out.update(_io_figures(io, *_disk_gbps(store.folder.path, store.stored_bytes)))
         opt.close()
     return out
 

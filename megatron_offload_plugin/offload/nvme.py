@@ -6,10 +6,13 @@ Two small classes, each owning one resource:
   whose files are created 0600 with ``O_EXCL | O_NOFOLLOW`` (an existing file or a
   symlink is never opened) and which is removed at :meth:`SwapFolder.close` and,
   failing that, at interpreter exit.
-* :class:`AioSwapper` -- one ``aio_handle`` (``deepspeed.ops.aio``) writing and
-  reading CPU tensors by key: :meth:`~AioSwapper.write` / :meth:`~AioSwapper.read`
-  queue the transfer, :meth:`~AioSwapper.wait` completes everything pending and
-  raises :class:`NvmeIOError` (path and byte size in the message) for any failure.
+* :class:`AioSwapper` -- two ``aio_handle`` s (``deepspeed.ops.aio``), one for reads and
+  one for writes (as DeepSpeed's own optimizer swapper does), moving CPU tensors by
+  key: :meth:`~AioSwapper.write` / :meth:`~AioSwapper.read` queue the transfer,
+  :meth:`~AioSwapper.wait` completes everything pending and raises
+  :class:`NvmeIOError` (path and byte size in the message) for any failure.  One
+  handle per direction lets each direction's transfers be timed on their own
+  (:meth:`~AioSwapper.io_stats`).
 
 Guards against the handle's sharp edges (DeepSpeed 0.19.8):
 
@@ -34,8 +37,9 @@ import shutil
 import stat
 import sys
 import tempfile
+import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -242,11 +246,70 @@ class SwapFolder:
 
 # ------------------------------------------------------------------ swapper
 
+#: Seconds a handle's ``wait()`` must block for its batch to be timed (see :class:`DirectionStats`).
+BLOCKED_WAIT_S = 1e-3
+_OPS = ("read", "write")
 
-def _finish_pending(handle: Any, pending: list[Any]) -> None:
-    if pending:
-        pending.clear()
-        handle.wait()
+
+@dataclass(frozen=True)
+class DirectionStats:
+    """Transfers of one direction: all of them, and the "timed" batches a throughput can be read from.
+
+    A batch starts at the first submit while the direction has nothing pending and
+    ends when that direction's handle ``wait()`` returns.  It is timed only when the
+    wait blocked for at least :data:`BLOCKED_WAIT_S`: the I/O was then still running
+    when we asked, so the device was working on this batch until the wait returned,
+    and ``bytes / (return - first submit)`` is its throughput.  A wait that returns at
+    once only says the I/O ended at some unknown earlier time (it may have sat done
+    while the caller computed), so such a batch would understate the speed and is
+    left out.  :attr:`gbps` is still a lower bound on what the device delivered: the
+    interval includes the gaps between the batch's submits and the time the queue
+    took to start, and the other direction may be sharing the disk meanwhile.
+    """
+
+    bytes: int = 0  # padded bytes moved, all batches
+    batches: int = 0
+    timed_bytes: int = 0  # padded bytes of timed batches
+    timed_batches: int = 0
+    timed_seconds: float = 0.0  # first submit to wait return, timed batches
+
+    @property
+    def gbps(self) -> float | None:
+        """``timed_bytes / timed_seconds`` in GB/s (1e9), None when no batch was timed."""
+        return self.timed_bytes / self.timed_seconds / 1e9 if self.timed_seconds > 0 else None
+
+    def since(self, earlier: "DirectionStats") -> "DirectionStats":
+        """What was counted after the snapshot ``earlier``."""
+        return DirectionStats(*(getattr(self, f.name) - getattr(earlier, f.name) for f in fields(self)))
+
+
+@dataclass(frozen=True)
+class IOStats:
+    """Transfer statistics of an :class:`AioSwapper` (see :class:`DirectionStats`).
+
+    ``both`` counts reads and writes together, to compare with one disk when the two
+    directions share it: a batch spans from the first submit while nothing at all is
+    pending to the return of the last handle's wait, and is timed only when every
+    handle's wait blocked (then each direction ran until at least the first wait began,
+    after all submits, so the device was busy over the whole span; one direction long
+    done while the other was submitted later would count idle time).
+    """
+
+    read: DirectionStats = DirectionStats()
+    write: DirectionStats = DirectionStats()
+    both: DirectionStats = DirectionStats()
+
+    def since(self, earlier: "IOStats") -> "IOStats":
+        return IOStats(*(getattr(self, f.name).since(getattr(earlier, f.name)) for f in fields(self)))
+
+
+def _finish_pending(handles: dict[str, Any], pending: list[Any]) -> None:
+    """Exit finalizer: a handle destroyed with transfers queued aborts the process, so wait each busy one."""
+    busy = {p.op for p in pending}
+    pending.clear()
+    for op in _OPS:
+        if op in busy:
+            handles[op].wait()
 
 
 @dataclass
@@ -265,25 +328,32 @@ def _byte_view(t: torch.Tensor) -> torch.Tensor:
 
 
 class AioSwapper:
-    """Async write/read of CPU tensors by key into a :class:`SwapFolder`, through one ``aio_handle``.
+    """Async write/read of CPU tensors by key into a :class:`SwapFolder`, one ``aio_handle`` per direction.
 
     ``write`` copies the tensor into a page-aligned, padded bounce buffer and queues
     it (the caller may reuse the tensor at once); ``read`` queues a transfer whose
     bytes land in ``out`` when :meth:`wait` returns.  Nothing is guaranteed on disk
-    or in ``out`` before :meth:`wait`.
+    or in ``out`` before :meth:`wait`.  The aio settings (queue depth, threads) apply
+    to each handle.  Page-locked buffers come from DeepSpeed's process-wide pinned
+    tensor manager, which every handle shares: any handle may free any buffer.
     """
 
     def __init__(self, folder: SwapFolder, aio_config: Mapping[str, Any] | None = None, *, aio_op: Any = None) -> None:
         self.folder = folder
         kwargs = aio_handle_kwargs(aio_config)
         op = aio_op if aio_op is not None else load_aio_op()
-        self._handle = op.aio_handle(kwargs["block_size"], kwargs["queue_depth"], kwargs["single_submit"],
-                                     kwargs["overlap_events"], kwargs["intra_op_parallelism"])
+        args = (kwargs["block_size"], kwargs["queue_depth"], kwargs["single_submit"], kwargs["overlap_events"],
+                kwargs["intra_op_parallelism"])
+        self._handles: dict[str, Any] = {op_: op.aio_handle(*args) for op_ in _OPS}
+        self._open = True
         self._quantum = ALIGNMENT * kwargs["intra_op_parallelism"]  # aio refuses sizes not divisible by this
         self._sizes: dict[str, int] = {}  # key -> logical byte size of the last completed write
         self._pending: list[_Pending] = []  # mutated in place: the exit finalizer below reads it
         # A handle destroyed with transfers queued aborts the process (C assert): finish them at exit.
-        self._exit_finalizer = weakref.finalize(self, _finish_pending, self._handle, self._pending)
+        self._exit_finalizer = weakref.finalize(self, _finish_pending, self._handles, self._pending)
+        # op ("read", "write", "both") -> (first submit time, bytes) while it has transfers pending
+        self._batch: dict[str, tuple[float, int]] = {}
+        self._stats = {op_: DirectionStats() for op_ in (*_OPS, "both")}
         self._free: dict[int, list[torch.Tensor]] = {}  # padded size -> reusable locked bounce buffers
         self.bytes_written = 0
         self.bytes_read = 0
@@ -291,6 +361,11 @@ class AioSwapper:
         self.max_locked_bytes: int | None = None  # above this, released buffers are freed, not pooled (None: no cap)
 
     # -- buffers
+    @property
+    def _locker(self) -> Any:
+        """The handle that allocates and frees page-locked buffers (any one can: the manager is shared)."""
+        return self._handles["write"]
+
     def _padded(self, nbytes: int) -> int:
         return max(self._quantum, -(-nbytes // self._quantum) * self._quantum)
 
@@ -301,15 +376,15 @@ class AioSwapper:
         if self.max_locked_bytes is not None:  # make room: drop pooled buffers of other sizes first
             for other in list(self._free):
                 while self._free[other] and self.locked_bytes + size > self.max_locked_bytes:
-                    self._handle.free_cpu_locked_tensor(self._free[other].pop())
+                    self._locker.free_cpu_locked_tensor(self._free[other].pop())
                     self.locked_bytes -= other
-        buf = self._handle.new_cpu_locked_tensor(size, torch.empty(0, dtype=torch.uint8))
+        buf = self._locker.new_cpu_locked_tensor(size, torch.empty(0, dtype=torch.uint8))
         self.locked_bytes += size
         return buf
 
     def _recycle(self, buf: torch.Tensor) -> None:
         if self.max_locked_bytes is not None and self.locked_bytes > self.max_locked_bytes:
-            self._handle.free_cpu_locked_tensor(buf)
+            self._locker.free_cpu_locked_tensor(buf)
             self.locked_bytes -= buf.numel()
             return
         self._free.setdefault(buf.numel(), []).append(buf)
@@ -330,7 +405,7 @@ class AioSwapper:
         """Give back a buffer from :meth:`buffer` (it must not be part of a pending transfer)."""
         if any(p.bounce is buf for p in self._pending):
             raise NvmeIOError(errno.EBUSY, "buffer is part of a pending transfer; call wait() first")
-        if self._handle is not None:
+        if self._open:
             self._recycle(buf)
 
     def write_buffer(self, key: str, buf: torch.Tensor, nbytes: int) -> None:
@@ -407,7 +482,9 @@ class AioSwapper:
         self._submit(_Pending("read", key, path, nbytes, self._bounce(size), out))
 
     def _submit(self, p: _Pending) -> None:
-        fn = self._handle.async_pwrite if p.op == "write" else self._handle.async_pread
+        handle = self._handles[p.op]
+        fn = handle.async_pwrite if p.op == "write" else handle.async_pread
+        start = time.perf_counter()
         rc = fn(p.bounce, str(p.path), 0)
         if rc != 0:
             if not p.caller_buffer:
@@ -415,21 +492,48 @@ class AioSwapper:
             raise NvmeIOError(errno.EIO, f"aio {p.op} of {p.bounce.numel()} bytes ({p.nbytes} unpadded) "
                                          f"{'to' if p.op == 'write' else 'from'} {p.path} was refused (returned {rc})")
         self._pending.append(p)
+        for op in (p.op, "both"):
+            first, nbytes = self._batch.get(op, (start, 0))
+            self._batch[op] = (first, nbytes + p.bounce.numel())
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
+    def io_stats(self) -> IOStats:
+        """Transfer statistics per direction so far (completed batches only); see :class:`DirectionStats`."""
+        return IOStats(self._stats["read"], self._stats["write"], self._stats["both"])
+
+    def _count_batch(self, op: str, timed: bool, end: float) -> None:
+        first, nbytes = self._batch.pop(op)
+        s = self._stats[op]
+        self._stats[op] = DirectionStats(s.bytes + nbytes, s.batches + 1, s.timed_bytes + nbytes * timed,
+                                         s.timed_batches + timed, s.timed_seconds + (end - first) * timed)
+
     def wait(self) -> None:
-        """Complete every queued transfer; raise :class:`NvmeIOError` for any that failed (no-op when idle)."""
+        """Complete every queued transfer; raise :class:`NvmeIOError` for any that failed (no-op when idle).
+
+        Each busy handle is waited on its own, the one whose batch started first
+        first: it is the likelier to be done first, so the second wait still finds
+        its I/O running and its batch gets timed too.
+        """
         if not self._pending:
             return  # aio_handle.wait() with nothing pending aborts the process
         pending = list(self._pending)
         self._pending.clear()
-        done = self._handle.wait()
         errors: list[str] = []
-        if done != len(pending):
-            errors.append(f"aio completed {done} of {len(pending)} transfers")
+        all_timed, end = True, 0.0
+        for op in sorted((o for o in _OPS if o in self._batch), key=lambda o: self._batch[o][0]):
+            t0 = time.perf_counter()
+            done = self._handles[op].wait()
+            end = time.perf_counter()
+            timed = end - t0 >= BLOCKED_WAIT_S  # the I/O was still running: the device worked until now
+            self._count_batch(op, timed, end)
+            all_timed &= timed
+            count = sum(p.op == op for p in pending)
+            if done != count:
+                errors.append(f"aio completed {done} of {count} {op}s")
+        self._count_batch("both", all_timed, end)
         for p in pending:
             size = p.bounce.numel()
             if p.op == "write":
@@ -483,27 +587,28 @@ class AioSwapper:
                 pass
 
     def _check_open(self) -> None:
-        if self._handle is None:
+        if not self._open:
             raise NvmeIOError(errno.EBADF, "AioSwapper is closed")
 
     @property
     def closed(self) -> bool:
-        return self._handle is None
+        return not self._open
 
     def close(self) -> None:
         """Wait for pending transfers (errors still raise), then free the bounce buffers (idempotent)."""
-        if self._handle is None:
+        if not self._open:
             return
         try:
             self.wait()
         finally:
             for bufs in self._free.values():
                 for buf in bufs:
-                    self._handle.free_cpu_locked_tensor(buf)
+                    self._locker.free_cpu_locked_tensor(buf)
                     self.locked_bytes -= buf.numel()
             self._free.clear()
             self._exit_finalizer.detach()
-            self._handle = None
+            self._open = False
+            self._handles.clear()  # the handles (and their threads) go now, not at garbage collection
 
     def __enter__(self) -> "AioSwapper":
         return self
