@@ -33,7 +33,8 @@ def test_bench_deepspeed_json_has_the_three_runs_and_nvme_figures(tmp_path, caps
     lw = runs["layerwise"]
     for d in ("read", "write"):  # figures of the training steps' own transfers, next to the disk probe
         assert lw[f"disk_{d}_gbps"] > 0
-        assert 0 <= lw[f"aio_timed_{d}_bytes"] <= lw[f"aio_{d}_bytes"]
+        assert 0 <= lw[f"aio_timed_{d}_bytes_alone"] <= lw[f"aio_timed_{d}_bytes"] <= lw[f"aio_{d}_bytes"]
+        assert (lw[f"aio_{d}_gbps_alone"] is None) == (lw[f"aio_timed_{d}_bytes_alone"] == 0)
         if lw[f"aio_timed_{d}_bytes"]:  # tiny layers: a wait may never block, then there is no figure
             assert lw[f"aio_{d}_gbps"] > 0
             assert lw[f"aio_{d}_vs_disk"] == pytest.approx(lw[f"aio_{d}_gbps"] / lw[f"disk_{d}_gbps"])
@@ -52,12 +53,15 @@ def test_io_figures_put_in_training_aio_next_to_the_disk_probe():
     from megatron_offload_plugin.bench.deepspeed import _io_figures
     from megatron_offload_plugin.offload.nvme import DirectionStats, IOStats
 
-    io = IOStats(read=DirectionStats(bytes=3000, batches=3, timed_bytes=2000, timed_batches=2, timed_seconds=1e-6),
+    io = IOStats(read=DirectionStats(bytes=3000, batches=3, timed_bytes=2000, timed_batches=2, timed_seconds=1e-6,
+                                     alone_timed_bytes=1000, alone_timed_seconds=2e-7),
                  write=DirectionStats(bytes=1000, batches=1),
                  both=DirectionStats(bytes=4000, batches=3, timed_bytes=3000, timed_batches=1, timed_seconds=3e-6))
     out = _io_figures(io, disk_write=4.0, disk_read=2.5)
     assert out["aio_read_gbps"] == pytest.approx(2.0) and out["aio_read_vs_disk"] == pytest.approx(0.8)
     assert (out["aio_read_bytes"], out["aio_timed_read_bytes"], out["disk_read_gbps"]) == (3000, 2000, 2.5)
+    assert out["aio_read_gbps_alone"] == pytest.approx(5.0) and out["aio_timed_read_bytes_alone"] == 1000
+    assert out["aio_write_gbps_alone"] is None
     assert (out["aio_write_gbps"], out["aio_write_vs_disk"], out["aio_write_bytes"]) == (None, None, 1000)
     assert out["aio_rw_gbps"] == pytest.approx(1.0) and out["aio_timed_rw_bytes"] == 3000
 

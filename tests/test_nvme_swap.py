@@ -335,6 +335,7 @@ def test_io_stats_count_bytes_per_direction_and_time_a_blocking_wait(swapper):
     assert st.write.timed_seconds > 0 and st.write.gbps == written / st.write.timed_seconds / 1e9
     assert (st.read.bytes, st.read.batches, st.read.gbps) == (0, 0, None)
     assert st.both == st.write
+    assert (st.write.alone_timed_bytes, st.write.gbps_alone) == (written, st.write.gbps)  # no read was in flight
     out = torch.empty_like(big)
     swapper.read("big", out)
     swapper.wait()
@@ -397,6 +398,8 @@ def test_wait_that_returns_at_once_counts_bytes_but_is_not_timed(tmp_path, monke
         st = sw.io_stats()
         assert torch.equal(out, torch.ones(1000))
         assert (st.read.bytes, st.read.timed_bytes, st.read.timed_batches) == (4096, 4096, 1)
+        assert (st.read.alone_timed_bytes, st.read.gbps_alone) == (0, None)  # a write was in flight with it
+        assert st.write.alone_timed_bytes == 0  # the first write batch was alone but not timed
         assert st.read.timed_seconds >= 0.01
         assert (st.write.bytes, st.write.batches, st.write.timed_batches) == (4096 + 512, 2, 1)
         assert (st.both.bytes, st.both.batches, st.both.timed_bytes) == (4096 * 2 + 512, 2, 4096 + 512)

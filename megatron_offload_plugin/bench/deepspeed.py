@@ -31,6 +31,9 @@ after the last one, once the store has completed that step's transfers):
   plain O_DIRECT sequential pwrite then pread of as many bytes as the store holds,
   one thread, 1 MiB blocks (the write includes an fsync);
 * ``aio_read_vs_disk`` / ``aio_write_vs_disk``: the aio figure over the disk figure;
+* ``aio_read_gbps_alone`` / ``aio_write_gbps_alone`` (``aio_timed_*_bytes_alone``):
+  the same over the timed batches during which the other direction had nothing
+  pending, i.e. aio's own speed with the disk to itself (null when there was none);
 * ``aio_rw_gbps`` / ``aio_timed_rw_bytes``: reads and writes counted together (the
   store overlaps a layer's prefetch with another's write-back, so the two directions
   split one disk): bytes of both over the time from the first submit while nothing
@@ -136,6 +139,8 @@ def _io_figures(io: Any, disk_write: float, disk_read: float) -> dict[str, Any]:
         out[f"aio_timed_{name}_bytes"] = st.timed_bytes
         out[f"disk_{name}_gbps"] = disk
         out[f"aio_{name}_vs_disk"] = st.gbps / disk if st.gbps is not None else None
+        out[f"aio_{name}_gbps_alone"] = st.gbps_alone
+        out[f"aio_timed_{name}_bytes_alone"] = st.alone_timed_bytes
     out["aio_rw_gbps"], out["aio_timed_rw_bytes"] = io.both.gbps, io.both.timed_bytes
     return out
 

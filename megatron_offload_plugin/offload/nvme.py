@@ -264,7 +264,9 @@ class DirectionStats:
     while the caller computed), so such a batch would understate the speed and is
     left out.  :attr:`gbps` is still a lower bound on what the device delivered: the
     interval includes the gaps between the batch's submits and the time the queue
-    took to start, and the other direction may be sharing the disk meanwhile.
+    took to start, and the other direction may be sharing the disk meanwhile.  The
+    ``alone_*`` counters keep the timed batches during which the other direction had
+    nothing pending (the disk was this direction's alone), for :attr:`gbps_alone`.
     """
 
     bytes: int = 0  # padded bytes moved, all batches
@@ -272,11 +274,18 @@ class DirectionStats:
     timed_bytes: int = 0  # padded bytes of timed batches
     timed_batches: int = 0
     timed_seconds: float = 0.0  # first submit to wait return, timed batches
+    alone_timed_bytes: int = 0  # timed batches with nothing of the other direction pending
+    alone_timed_seconds: float = 0.0
 
     @property
     def gbps(self) -> float | None:
         """``timed_bytes / timed_seconds`` in GB/s (1e9), None when no batch was timed."""
         return self.timed_bytes / self.timed_seconds / 1e9 if self.timed_seconds > 0 else None
+
+    @property
+    def gbps_alone(self) -> float | None:
+        """Like :attr:`gbps`, over the timed batches that had the disk to themselves."""
+        return self.alone_timed_bytes / self.alone_timed_seconds / 1e9 if self.alone_timed_seconds > 0 else None
 
     def since(self, earlier: "DirectionStats") -> "DirectionStats":
         """What was counted after the snapshot ``earlier``."""
@@ -504,11 +513,13 @@ class AioSwapper:
         """Transfer statistics per direction so far (completed batches only); see :class:`DirectionStats`."""
         return IOStats(self._stats["read"], self._stats["write"], self._stats["both"])
 
-    def _count_batch(self, op: str, timed: bool, end: float) -> None:
+    def _count_batch(self, op: str, timed: bool, end: float, alone: bool) -> None:
         first, nbytes = self._batch.pop(op)
-        s = self._stats[op]
+        s, seconds = self._stats[op], (end - first) * timed
         self._stats[op] = DirectionStats(s.bytes + nbytes, s.batches + 1, s.timed_bytes + nbytes * timed,
-                                         s.timed_batches + timed, s.timed_seconds + (end - first) * timed)
+                                         s.timed_batches + timed, s.timed_seconds + seconds,
+                                         s.alone_timed_bytes + nbytes * timed * alone,
+                                         s.alone_timed_seconds + seconds * alone)
 
     def wait(self) -> None:
         """Complete every queued transfer; raise :class:`NvmeIOError` for any that failed (no-op when idle).
@@ -523,17 +534,18 @@ class AioSwapper:
         self._pending.clear()
         errors: list[str] = []
         all_timed, end = True, 0.0
-        for op in sorted((o for o in _OPS if o in self._batch), key=lambda o: self._batch[o][0]):
+        busy = sorted((o for o in _OPS if o in self._batch), key=lambda o: self._batch[o][0])
+        for op in busy:  # every wait ends both directions' batches: one busy direction had the disk alone
             t0 = time.perf_counter()
             done = self._handles[op].wait()
             end = time.perf_counter()
             timed = end - t0 >= BLOCKED_WAIT_S  # the I/O was still running: the device worked until now
-            self._count_batch(op, timed, end)
+            self._count_batch(op, timed, end, alone=len(busy) == 1)
             all_timed &= timed
             count = sum(p.op == op for p in pending)
             if done != count:
                 errors.append(f"aio completed {done} of {count} {op}s")
-        self._count_batch("both", all_timed, end)
+        self._count_batch("both", all_timed, end, alone=len(busy) == 1)
         for p in pending:
             size = p.bounce.numel()
             if p.op == "write":
