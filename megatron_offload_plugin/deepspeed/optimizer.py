@@ -148,6 +148,9 @@ class NvmeLayerStore:
         self._device_bytes = 0  # working copies on an accelerator (0 on a CPU device: the locked buffers are used)
         self.resident_bytes_peak = 0
         self.read_seconds = 0.0  # wall time spent waiting in wait() (I/O not hidden behind compute)
+        # Reads and writes are never in flight together: on one disk they halve each other (measured on this
+        # machine's disk: writes at 0.49x the raw disk figure while a read ran, 1.1x alone; step time unchanged).
+        self.one_direction = True
 
     @property
     def resident_bytes(self) -> int:
@@ -203,8 +206,8 @@ class NvmeLayerStore:
     def prefetch(self, layer: int) -> None:
         if layer in self._reading or layer in self._ready:
             return
-        if layer in self._writing:  # its newest bytes are still on their way to disk
-            self._wait()
+        if self._writing and (self.one_direction or layer in self._writing):
+            self._wait()  # one direction on the disk at a time; and never read bytes still on their way to disk
         key = self._key(layer)
         buf = self.swapper.buffer(self.swapper.nbytes(key))
         self._note(self.swapper.nbytes(key))
@@ -236,8 +239,8 @@ class NvmeLayerStore:
             else:  # its last write failed: this buffer is the only copy, keep it until a write succeeds
                 self._ready[layer] = buf
             return
-        if self._writing:  # at most one layer in flight to disk: resident stays within prefetch + 2 layers
-            self._wait()
+        if self._writing or (self.one_direction and self._reading):
+            self._wait()  # at most one layer in flight to disk (resident within prefetch + 2 layers), alone on it
         try:
             self.swapper.write_buffer(self._key(layer), buf, nbytes)
         except BaseException:
