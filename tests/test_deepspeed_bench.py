@@ -49,6 +49,25 @@ def test_bench_deepspeed_json_has_the_three_runs_and_nvme_figures(tmp_path, caps
     assert "aio_bytes_read" not in lw  # the after-training re-measure is gone
 
 
+@pytest.mark.skipif(not AIO_OK, reason=AIO_WHY)
+def test_bench_deepspeed_reports_the_selected_layers_activation_peak(tmp_path, capsys):
+    cfg = json.loads(open("configs/deepspeed_layerwise_activations_nvme.json").read())
+    act = cfg["layerwise_offload"]["activations"]
+    act["nvme_path"], act["min_tensor_bytes"] = str(tmp_path), 0
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    code = main(["bench", "deepspeed", "--config", str(path), "--json", "--runs", "plain,layerwise", "--steps", "2",
+                 "--layers", "4", "--hidden", "32", "--heads", "4", "--vocab", "128", "--seq", "32"])
+    assert code == 0
+    runs = {r["name"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runs"]}
+    plain, lw = runs["plain"], runs["layerwise"]
+    assert plain["activation_offload"] == "none" and lw["activation_offload"] == "nvme"
+    assert lw["losses_bitwise_equal_to_plain"] and "activation_selected_peak_layers" not in plain
+    assert plain["activation_layer_bytes"] > 0
+    assert lw["peak_saved_activation_bytes"] < plain["peak_saved_activation_bytes"]
+    assert 0 < lw["activation_selected_peak_layers"] <= 1.0  # the target: at most one layer's worth
+
+
 def test_io_figures_put_in_training_aio_next_to_the_disk_probe():
     from megatron_offload_plugin.bench.deepspeed import _io_figures
     from megatron_offload_plugin.offload.nvme import DirectionStats, IOStats

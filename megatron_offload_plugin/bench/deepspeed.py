@@ -34,10 +34,19 @@ after the last one, once the store has completed that step's transfers):
 * ``aio_read_gbps_alone`` / ``aio_write_gbps_alone`` (``aio_timed_*_bytes_alone``):
   the same over the timed batches during which the other direction had nothing
   pending, i.e. aio's own speed with the disk to itself (null when there was none);
-* ``aio_rw_gbps`` / ``aio_timed_rw_bytes``: reads and writes counted together (the
-  store overlaps a layer's prefetch with another's write-back, so the two directions
-  split one disk): bytes of both over the time from the first submit while nothing
-  was pending to the last wait returning, for the batches where every wait blocked.
+* ``aio_rw_gbps`` / ``aio_timed_rw_bytes``: reads and writes counted together: bytes
+  of both over the time from the first submit while nothing was pending to the last
+  wait returning, for the batches where every wait blocked.  (The layer store keeps
+  one direction on the disk at a time, so these mostly equal the per-direction ones.)
+
+Activations, every run: ``peak_saved_activation_bytes`` is the peak of the
+saved-for-backward bytes resident on the device over training (a
+``SavedTensorTracker``; with ``layerwise_offload.activations`` it sees only what is
+not offloaded), and ``activation_layer_bytes`` what the first transformer layer
+saves in one forward (measured around that layer's forward).  With both ``plain``
+and an activation-offloading ``layerwise`` run, the latter gets
+``activation_selected_peak_layers``: its peak minus what ``plain`` keeps outside the
+layers (``plain`` peak - layers x layer bytes), in layers' worth.
 """
 
 from __future__ import annotations
@@ -151,6 +160,7 @@ def child(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> dict[str,
 
     from ..deepspeed import layerwise_optimizer
     from ..deepspeed.tiny import GPTShape, batches, build, train
+    from ..telemetry.activation_memory import SavedTensorTracker
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     shape = GPTShape(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads, seq=args.seq + 1)
@@ -166,10 +176,18 @@ def child(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> dict[str,
     opt = layerwise_optimizer(engine)
     store = opt.store if opt is not None else None
     on_nvme = hasattr(store, "swapper")
+    tracker = SavedTensorTracker(exclude=list(engine.module.parameters()))
+    layer_saved: list[int] = []
+    first_layer = engine.module.layers[0]
+    hooks = [first_layer.register_forward_pre_hook(lambda *_: layer_saved.append(-tracker.current_bytes)),
+             first_layer.register_forward_hook(lambda *_: layer_saved.append(layer_saved.pop() + tracker.current_bytes))]
     if on_nvme:
         store.drain()  # nothing of the set-up is still in flight when the snapshot is taken
         io_before, wait_before = store.swapper.io_stats(), store.read_seconds
-    losses = train(engine, args.steps, batches(shape, cfg["train_micro_batch_size_per_gpu"]), on_step=tick)
+    with tracker.track():
+        losses = train(engine, args.steps, batches(shape, cfg["train_micro_batch_size_per_gpu"]), on_step=tick)
+    for h in hooks:
+        h.remove()
     if on_nvme:
         store.drain()  # completes the last step's transfers (training's own), nothing else
         io, wait_s = store.swapper.io_stats().since(io_before), store.read_seconds - wait_before
@@ -179,6 +197,10 @@ def child(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> dict[str,
         "step_time_s": statistics.median(times[1:] or times),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "params": sum(p.numel() for p in engine.module.parameters()),
+        "layers": args.layers,
+        "peak_saved_activation_bytes": tracker.peak_bytes,
+        "activation_layer_bytes": max(layer_saved, default=0),
+        "activation_offload": (cfg.get(SECTION) or {}).get("activations", {}).get("device", "none"),
     }
     if opt is None:
         basic = getattr(engine, "basic_optimizer", engine.optimizer)
@@ -237,6 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in results:
             r["max_rel_loss_diff_vs_plain"] = max(
                 (abs(a - b) / max(abs(b), 1e-30) for a, b in zip(r["losses"], plain["losses"])), default=0.0)
+            r["losses_bitwise_equal_to_plain"] = r["losses"] == plain["losses"]
+            layer = plain["activation_layer_bytes"]
+            if r["activation_offload"] != "none" and layer > 0:
+                outside = plain["peak_saved_activation_bytes"] - plain["layers"] * layer
+                r["activation_selected_peak_layers"] = (r["peak_saved_activation_bytes"] - outside) / layer
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
