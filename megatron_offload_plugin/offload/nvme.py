@@ -215,6 +215,10 @@ class SwapFolder:
         self._files[key] = path
         return path
 
+    def keys(self) -> list[str]:
+        """Keys with a file in this folder (in creation order)."""
+        return list(self._files)
+
     def check_file(self, key: str) -> Path:
         """The existing file for ``key``, refusing anything that is not our regular file (no symlinks)."""
         path = self._files[key]
