@@ -79,13 +79,14 @@ def test_nvme_swap_folder_is_removed_when_the_store_closes(tmp_path):
 
 
 @needs_aio
-def test_io_error_mid_run_raises_with_path_and_size_and_loses_no_state(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage", [0, 2])
+def test_io_error_mid_run_raises_with_path_and_size_and_loses_no_state(tmp_path, monkeypatch, stage):
     import errno
 
     from megatron_offload_plugin.offload.nvme import NvmeIOError
 
     section = {"optimizer_states": {"device": "nvme", "nvme_path": str(tmp_path)}}
-    engine = build(SHAPE, ds_config(stage=0, section=section))
+    engine = build(SHAPE, ds_config(stage=stage, section=section))
     data = batches(SHAPE, 2)
     train(engine, 1, data)
     opt = layerwise_optimizer(engine)
@@ -104,7 +105,8 @@ def test_io_error_mid_run_raises_with_path_and_size_and_loses_no_state(tmp_path,
         train(engine, 1, data)
     after = opt.state_dict()["state"]  # every unit's states are still there: unit 3's newest ones in memory
     assert set(after) == set(before)
-    unit3 = 2 + 12  # embed, pos, 12 tensors of layers.0, then layers.1 (unit 3)
+    # embed, pos, layers.0, then layers.1 (unit 3): its first tensor (stage 0: 12 per layer; ZeRO: one flat group each)
+    unit3 = 2 + 12 if stage == 0 else 3
     assert not torch.equal(after[unit3]["exp_avg"], before[unit3]["exp_avg"])  # stepped before its write failed
     last = max(after)
     assert torch.equal(after[last]["exp_avg"], before[last]["exp_avg"])  # the step stopped at unit 3
@@ -112,6 +114,8 @@ def test_io_error_mid_run_raises_with_path_and_size_and_loses_no_state(tmp_path,
     monkeypatch.setattr(sw, "write_buffer", real_write)
     train(engine, 1, data)  # the disk is back: training goes on, unit 3 is written again
     assert opt.store._key(3) in sw and 3 not in opt.store._ready
+    if stage:  # ZeRO's masters are back in their buffers, none left materialized
+        assert all(m.untyped_storage().nbytes() == 0 for m in engine.optimizer.single_partition_of_fp32_groups)
 
 
 @pytest.mark.parametrize("stage,kind", [(2, "instance"), (0, "callable")])

@@ -467,9 +467,15 @@ class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
                 loss = closure()
         units = sorted(u for g in list(self.param_groups) for u in self._units_of_group.get(self._index(g), ()))
         done = self.before_step() if self.before_step is not None else set()
-        for u in units:
-            if u not in done:
-                self.step_unit(u)
+        try:
+            for u in units:
+                if u not in done:
+                    self.step_unit(u)
+        except BaseException:
+            # ZeRO narrows param_groups to one group around this call and restores them only on success:
+            # after an I/O error the engine must still see every group (the error is raised, nothing is lost).
+            self.param_groups = self._all_groups
+            raise
         if units and units[-1] == len(self._units) - 1:
             self.steps_taken += 1
         return loss
