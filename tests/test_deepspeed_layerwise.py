@@ -158,6 +158,10 @@ def test_zero_master_weights_live_in_the_layer_buffers_between_steps(tmp_path, s
     with opt.master_weights_resident(writes=False):
         for m, lp in zip(masters, zero.bit16_groups_flat):
             assert torch.equal(m.to(lp.dtype), lp)  # the masters the model's weights were copied from
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        w = engine.module.head.weight  # DeepSpeed's own reader of the fp32 fragments works inside the block
+        assert torch.equal(safe_get_full_fp32_param(w).to(w.dtype), w.detach())
     assert all(m.untyped_storage().nbytes() == 0 for m in masters)
     zero.refresh_fp32_params()  # a ZeRO method writing every master: materialized around it, stored again
     assert all(m.untyped_storage().nbytes() == 0 for m in masters)
