@@ -20,22 +20,37 @@ without reading them, so nothing else looks at this section.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from ..config.loading import closest
+from ..config.model import _FrozenModel
 from ..offload.nvme import AIO_KEYS, aio_handle_kwargs
 
 SECTION = "layerwise_offload"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Tier(_FrozenModel):
+    """A sub-section with a ``device`` field and an ``nvme_path`` used only with device 'nvme'."""
+
+    key: ClassVar[str]  # the sub-section's name, for messages
+
+    @model_validator(mode="after")
+    def _nvme_path_only_with_nvme(self) -> "_Tier":
+        device, nvme_path = getattr(self, "device"), getattr(self, "nvme_path")
+        if device == "nvme" and not nvme_path:
+            raise ValueError(f"{self.key}.device='nvme' needs {self.key}.nvme_path (a directory on the NVMe drive)")
+        if device != "nvme" and nvme_path:
+            raise ValueError(f"{self.key}.nvme_path is only used with device='nvme' (device={device!r}); "
+                             "remove it or set device='nvme'")
+        return self
 
 
-class OptimizerStatesConfig(_Strict):
+class OptimizerStatesConfig(_Tier):
     """Where optimizer states live between steps, and how the step walks the layers."""
+
+    key: ClassVar[str] = "optimizer_states"
 
     device: Literal["none", "cpu", "nvme"] = Field(
         "none",
@@ -71,18 +86,12 @@ class OptimizerStatesConfig(_Strict):
         ),
     )
 
-    @model_validator(mode="after")
-    def _nvme_path_only_with_nvme(self) -> "OptimizerStatesConfig":
-        if self.device == "nvme" and not self.nvme_path:
-            raise ValueError("optimizer_states.device='nvme' needs optimizer_states.nvme_path (a directory on the NVMe drive)")
-        if self.device != "nvme" and self.nvme_path:
-            raise ValueError(f"optimizer_states.nvme_path is only used with device='nvme' (device={self.device!r}); "
-                             "remove it or set device='nvme'")
-        return self
 
 
-class ActivationsConfig(_Strict):
+class ActivationsConfig(_Tier):
     """Layer-wise activation offload (hook point: wired by the shared offload engine)."""
+
+    key: ClassVar[str] = "activations"
 
     device: Literal["none", "cpu", "nvme"] = Field(
         "none",
@@ -112,16 +121,8 @@ class ActivationsConfig(_Strict):
             raise ValueError("activations.modules: expected 'all' or a non-empty list of module names")
         return value
 
-    @model_validator(mode="after")
-    def _nvme_path_only_with_nvme(self) -> "ActivationsConfig":
-        if self.device == "nvme" and not self.nvme_path:
-            raise ValueError("activations.device='nvme' needs activations.nvme_path (a directory on the NVMe drive)")
-        if self.device != "nvme" and self.nvme_path:
-            raise ValueError(f"activations.nvme_path is only used with device='nvme' (device={self.device!r})")
-        return self
 
-
-class LayerwiseOffloadConfig(_Strict):
+class LayerwiseOffloadConfig(_FrozenModel):
     """The whole ``"layerwise_offload"`` section."""
 
     optimizer_states: OptimizerStatesConfig = Field(default_factory=OptimizerStatesConfig,
