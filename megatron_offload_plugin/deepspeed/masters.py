@@ -34,9 +34,28 @@ logger = logging.getLogger(__name__)
 
 _WRAPPED = "_layerwise_master_wrapped"  # attribute on the ZeRO optimizer: names of the wrapped methods
 
-#: ZeRO methods that touch the fp32 partitions, and whether they write them.
-_RESIDENT_METHODS = {"state_dict": False, "update_lp_params": False,
-                     "load_state_dict": True, "_restore_from_bit16_weights": True}
+
+def _cloned_fp32_groups(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The saved fp32 partitions as copies: the checkpoint must hold real bytes after they are released."""
+    from deepspeed.checkpoint.constants import SINGLE_PARTITION_OF_FP32_GROUPS
+
+    groups = state_dict.get(SINGLE_PARTITION_OF_FP32_GROUPS)
+    if groups is not None:
+        state_dict[SINGLE_PARTITION_OF_FP32_GROUPS] = [g.detach().clone() for g in groups]
+    return state_dict
+
+
+def _unchanged(out: Any) -> Any:
+    return out
+
+
+#: ZeRO methods that touch the fp32 partitions: whether they write them, and what is done to their result.
+_RESIDENT_METHODS: dict[str, tuple[bool, Callable[[Any], Any]]] = {
+    "state_dict": (False, _cloned_fp32_groups),
+    "update_lp_params": (False, _unchanged),
+    "load_state_dict": (True, _unchanged),
+    "_restore_from_bit16_weights": (True, _unchanged),
+}
 
 
 def _zero_optimizer_class() -> type:
@@ -53,25 +72,13 @@ def holds_master_copies(engine_optimizer: Any) -> bool:
 
 
 def _with_masters_resident(opt: LayerwiseOffloadOptimizer, method: Callable[..., Any], writes: bool,
-                           name: str) -> Callable[..., Any]:
+                           result: Callable[[Any], Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with opt.master_weights_resident(writes=writes):
-            out = method(*args, **kwargs)
-            if name == "state_dict":
-                out = _cloned_fp32_groups(out)
-            return out
+            return result(method(*args, **kwargs))
 
     return wrapper
-
-
-def _cloned_fp32_groups(state_dict: dict[str, Any]) -> dict[str, Any]:
-    from deepspeed.checkpoint.constants import SINGLE_PARTITION_OF_FP32_GROUPS
-
-    groups = state_dict.get(SINGLE_PARTITION_OF_FP32_GROUPS)
-    if groups is not None:
-        state_dict[SINGLE_PARTITION_OF_FP32_GROUPS] = [g.detach().clone() for g in groups]
-    return state_dict
 
 
 def attach_master_offload(engine: Any, opt: LayerwiseOffloadOptimizer) -> bool:
@@ -89,8 +96,8 @@ def attach_master_offload(engine: Any, opt: LayerwiseOffloadOptimizer) -> bool:
             opt.release_master_weights()
 
     zero.step = step_then_release
-    for name, writes in _RESIDENT_METHODS.items():
-        setattr(zero, name, _with_masters_resident(opt, getattr(zero, name), writes, name))
+    for name, (writes, result) in _RESIDENT_METHODS.items():
+        setattr(zero, name, _with_masters_resident(opt, getattr(zero, name), writes, result))
     setattr(zero, _WRAPPED, ("step", *_RESIDENT_METHODS))
     opt.offload_master_weights()
     logger.info("layerwise_offload: ZeRO fp32 master weights (%d bytes) kept with the optimizer states",
