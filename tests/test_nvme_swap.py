@@ -119,6 +119,18 @@ def test_aio_unbuildable_error_says_install_libaio_or_use_cpu(monkeypatch):
         nvme.load_aio_op()
 
 
+def test_nvme_tier_start_up_check_names_the_option(tmp_path, monkeypatch):
+    """One check at start-up for every NVMe tier: the directory, then aio, each error naming the option."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    with pytest.raises(ValueError, match=f"--offload-nvme-path='{tmp_path / 'x'}': directory does not exist"):
+        nvme.check_nvme_tier(tmp_path / "x", option="--offload-nvme-path")
+    monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
+    with pytest.raises(AioUnavailableError,
+                       match=f"--offload-nvme-path='{tmp_path}' needs DeepSpeed's async I/O: .*libaio-dev.*device='cpu'"):
+        nvme.check_nvme_tier(tmp_path, option="--offload-nvme-path")
+
+
 # ------------------------------------------------------------------ transfers
 
 

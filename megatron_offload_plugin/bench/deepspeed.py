@@ -197,14 +197,14 @@ def child(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> dict[str,
              first_layer.register_forward_hook(lambda *_: layer_saved.append(layer_saved.pop() + tracker.current_bytes))]
     if on_nvme:
         store.drain()  # nothing of the set-up is still in flight when the snapshot is taken
-        io_before, wait_before = store.swapper.io_stats(), store.read_seconds
+        io_before, wait_before = store.swapper.io_stats(), store.wait_seconds
     with tracker.track():
         losses = train(engine, args.steps, batches(shape, cfg["train_micro_batch_size_per_gpu"]), on_step=tick)
     for h in hooks:
         h.remove()
     if on_nvme:
         store.drain()  # completes the last step's transfers (training's own), nothing else
-        io, wait_s = store.swapper.io_stats().since(io_before), store.read_seconds - wait_before
+        io, wait_s = store.swapper.io_stats().since(io_before), store.wait_seconds - wait_before
     out: dict[str, Any] = {
         "name": name,
         "losses": losses,

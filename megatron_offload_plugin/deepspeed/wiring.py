@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..offload.nvme import check_base_path
+from ..offload.nvme import check_nvme_tier
 from ..patches.registry import Patch, PatchSet, UnsupportedVersionError
 from ..patches.versions import installed_version
 from .config import SECTION, LayerwiseOffloadConfig, check_conflicts, parse_section
@@ -213,12 +213,7 @@ def _initialize_with(upstream: Any, bound: inspect.BoundArguments) -> Any:
     _check_version()
     for sub in (section.optimizer_states, section.activations):
         if sub.device == "nvme":
-            check_base_path(sub.nvme_path, option=f"{SECTION}.{'optimizer_states' if sub is section.optimizer_states else 'activations'}.nvme_path")
-            from ..offload.nvme import aio_available, AioUnavailableError
-
-            ok, why = aio_available()
-            if not ok:
-                raise AioUnavailableError(f"{SECTION}: device='nvme' needs DeepSpeed's async I/O: {why}")
+            check_nvme_tier(sub.nvme_path, option=f"{SECTION}.{sub.key}.nvme_path")
     if section.optimizer_states.device == "none":
         result = upstream(**kw)
     else:

@@ -30,12 +30,9 @@ class ActivationOffload:
         self._swap: Any = None  # the NVMe tier's nvme.SwapTier
         self.regions: RegionOffloader | None = None
         if config.nvme_path is not None:
-            from .nvme import AioUnavailableError, aio_available, check_base_path
+            from .nvme import check_nvme_tier
 
-            check_base_path(config.nvme_path, option="--offload-nvme-path")
-            ok, why = aio_available()
-            if not ok:
-                raise AioUnavailableError(f"--offload-nvme-path={config.nvme_path}: {why}")
+            check_nvme_tier(config.nvme_path, option="--offload-nvme-path")
         if config.checkpoint_offload:
             self.regions = _LazyRegions(self)  # type: ignore[assignment]
 

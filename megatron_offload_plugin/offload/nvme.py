@@ -178,6 +178,18 @@ def check_base_path(base: str | os.PathLike[str], option: str = "nvme_path") -> 
     return path
 
 
+def check_nvme_tier(base: str | os.PathLike[str], option: str) -> Path:
+    """At start-up, before anything is built: ``base`` is a usable directory and aio can run here.
+
+    ``ValueError`` (see :func:`check_base_path`) or :class:`AioUnavailableError`, naming ``option``.
+    """
+    path = check_base_path(base, option=option)
+    ok, why = aio_available()
+    if not ok:
+        raise AioUnavailableError(f"{option}='{base}' needs DeepSpeed's async I/O: {why}")
+    return path
+
+
 def _remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)  # rmtree never follows symlinks into other trees
 
@@ -368,8 +380,6 @@ class AioSwapper:
         self._batch: dict[str, tuple[float, int]] = {}
         self._stats = {op_: DirectionStats() for op_ in (*_OPS, "both")}
         self._free: dict[int, list[torch.Tensor]] = {}  # padded size -> reusable locked bounce buffers
-        self.bytes_written = 0
-        self.bytes_read = 0
         self.locked_bytes = 0  # page-locked buffers allocated and not freed (in use + free pool)
         self.max_locked_bytes: int | None = None  # above this, released buffers are freed, not pooled (None: no cap)
 
@@ -559,11 +569,8 @@ class AioSwapper:
                     errors.append(f"write of {size} bytes to {p.path} left {on_disk} bytes (disk full or I/O error)")
                 else:
                     self._sizes[p.key] = p.nbytes
-                    self.bytes_written += size
-            else:
-                if p.out is not None and p.nbytes:
-                    _byte_view(p.out).copy_(p.bounce[:p.nbytes])
-                self.bytes_read += size
+            elif p.out is not None and p.nbytes:
+                _byte_view(p.out).copy_(p.bounce[:p.nbytes])
             if not p.caller_buffer:
                 self._recycle(p.bounce)
         if errors:
