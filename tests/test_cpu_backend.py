@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_offload_plugin.testing import cpu_backend
+from megatron_offload_plugin.backends import cpu as cpu_backend
 from megatron_offload_plugin.testing.distributed import run_distributed
 from megatron_offload_plugin.testing.equivalence import layout_gradients_worker
 

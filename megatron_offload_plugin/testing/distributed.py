@@ -59,7 +59,7 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, args:
 
         torch.set_num_threads(threads)
         if not torch.cuda.is_available():
-            from . import cpu_backend
+            from ..backends import cpu as cpu_backend
 
             cpu_backend.enable()
         torch.distributed.init_process_group(

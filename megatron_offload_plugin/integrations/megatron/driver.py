@@ -1,7 +1,7 @@
 """``scripts/pretrain_gpt.py``: Megatron-core GPT pretraining with the plugin's flags beside Megatron-LM's.
 
 Launched with torchrun: NCCL on GPUs; on a machine without GPUs, gloo and the
-CPU backend (:mod:`megatron_offload_plugin.testing.cpu_backend`).  The log
+CPU backend (:mod:`megatron_offload_plugin.backends.cpu`).  The log
 lines keep Megatron-LM's shape (people grep and plot them) and add the
 plugin's figures as extra ``| key: value |`` fields; the last rank prints them,
 as in Megatron-LM.
@@ -61,7 +61,7 @@ def init_distributed(timeout_minutes: int) -> str:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
     else:
-        from ...testing import cpu_backend
+        from ...backends import cpu as cpu_backend
 
         cpu_backend.enable()
         backend = "gloo"

@@ -269,7 +269,7 @@ class CpuBackend:
                 return
             if torch.cuda.is_available() and not force:
                 raise RuntimeError(
-                    "megatron_offload_plugin.testing.cpu_backend: this process sees a GPU "
+                    "megatron_offload_plugin.backends.cpu: this process sees a GPU "
                     f"({torch.cuda.device_count()} device(s)); the CPU backend would hide it. "
                     "Run on the GPU instead, or pass force=True to run Megatron on the CPU anyway."
                 )
