@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from megatron_offload_plugin.backends import cpu as cpu_backend
 from megatron_offload_plugin.testing.distributed import run_distributed
@@ -55,6 +56,67 @@ def test_refuses_on_a_process_that_sees_a_gpu(monkeypatch):
         cpu_backend.enable()
     assert not cpu_backend.is_enabled()
 
+
+
+class _RecordingMode(TorchFunctionMode):
+    """A pass-through mode that records the torch functions it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[object] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def _function_mode_stack() -> list[TorchFunctionMode]:
+    return [torch._C._get_function_stack_at(i) for i in range(torch._C._len_torch_function_stack())]
+
+
+def test_disable_turns_the_backend_fully_off_under_a_mode_pushed_after_it():
+    """disable() removes exactly the backend's mode, not whatever mode is on top of the stack."""
+    baseline = _function_mode_stack()
+    cpu_backend.enable()
+    ours = [m for m in _function_mode_stack() if m not in baseline]
+    other = _RecordingMode()
+    other.__enter__()
+    try:
+        cpu_backend.disable()
+        assert not cpu_backend.is_enabled()
+        assert _function_mode_stack() == baseline + [other], "the stack must keep the other mode only"
+        assert not any(m in _function_mode_stack() for m in ours)
+        with pytest.raises((AssertionError, RuntimeError)):
+            torch.zeros(1, device=torch.device("cuda"))  # no longer rewritten to the CPU
+        other.seen.clear()
+        torch.ones(2).add(1)
+        assert torch.Tensor.add in other.seen, "the other mode must still be active"
+    finally:
+        other.__exit__(None, None, None)
+        cpu_backend.disable()  # a no-op unless an assertion above failed
+    assert _function_mode_stack() == baseline, "the other mode's own exit must leave the stack as it was"
+
+
+def test_disable_from_another_thread_is_refused_and_leaves_the_backend_whole():
+    """torch keeps function modes per thread: only the enabling thread can take the mode off."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def off() -> None:
+        try:
+            cpu_backend.disable()
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    with cpu_backend.cpu_backend():
+        t = threading.Thread(target=off)
+        t.start()
+        t.join()
+        assert len(errors) == 1 and "Call disable() from the thread that called enable()" in str(errors[0])
+        assert cpu_backend.is_enabled()
+        assert torch.zeros(1, device="cuda").device.type == "cpu"
+    assert not cpu_backend.is_enabled()
 
 def test_megatron_rng_tracker_forks_a_reproducible_stream():
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, model_parallel_cuda_manual_seed

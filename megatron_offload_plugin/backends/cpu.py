@@ -18,7 +18,8 @@ gradient clipping):
 
 It is never active unless asked: :func:`enable` refuses on a process that
 sees a GPU (unless ``force=True``), and :func:`disable` restores every
-attribute it replaced.  Use :func:`cpu_backend` as a context manager in tests.
+attribute it replaced and takes its mode off the stack even when other modes
+were pushed after it.  Use :func:`cpu_backend` to scope it to a ``with`` block.
 """
 
 from __future__ import annotations
@@ -250,6 +251,27 @@ class _SameGeneratorFilter(logging.Filter):
 _RNG_LOGGER = "megatron.core.tensor_parallel.random"
 
 
+def _remove_function_mode(mode: TorchFunctionMode) -> bool:
+    """Take exactly ``mode`` off this thread's torch-function mode stack; the others keep their order.
+
+    ``TorchFunctionMode.__exit__`` pops whatever is on top, so a mode pushed after
+    ``mode`` (a profiler's, ``torch.device(...)`` as a context, a user's) would be
+    popped in its place.  torch's own ``DeviceContext`` reorders the stack through
+    these same calls.  Returns whether ``mode`` was on the stack.
+    """
+    above: list[Any] = []
+    found = False
+    while torch._C._len_torch_function_stack() > 0:
+        top = torch._C._pop_torch_function_stack()
+        if top is mode:
+            found = True
+            break
+        above.append(top)
+    for other in reversed(above):
+        torch._C._push_on_torch_function_stack(other)
+    return found
+
+
 class CpuBackend:
     """Holds what :func:`enable` replaced so that :func:`disable` can restore it."""
 
@@ -257,6 +279,7 @@ class CpuBackend:
         self._lock = threading.Lock()
         self._active: list[_Replacement] = []
         self._mode: _CudaAsCpuMode | None = None
+        self._mode_thread: int | None = None  # torch keeps function modes per thread
         self._log_filter = _SameGeneratorFilter()
 
     @property
@@ -281,15 +304,34 @@ class CpuBackend:
             self._active = reps
             self._mode = _CudaAsCpuMode()
             self._mode.__enter__()
+            self._mode_thread = threading.get_ident()
             logging.getLogger(_RNG_LOGGER).addFilter(self._log_filter)
             logger.debug("CPU backend enabled (%d replacements)", len(reps))
 
     def disable(self) -> None:
+        """Take the backend's mode off the stack wherever it sits, then restore every attribute.
+
+        Modes pushed after :meth:`enable` stay active (and exit normally later):
+        refusing instead would leave the backend on, and ``disable`` runs in
+        ``finally`` blocks where a second error would hide the first.
+        """
         with self._lock:
             if self._mode is None:
                 return
-            self._mode.__exit__(None, None, None)
+            if not _remove_function_mode(self._mode):
+                if threading.get_ident() != self._mode_thread:
+                    raise RuntimeError(
+                        "megatron_offload_plugin.backends.cpu.disable(): called on thread "
+                        f"{threading.get_ident()}, but enable() ran on thread {self._mode_thread}; "
+                        "torch keeps function modes per thread, so only that thread can take the "
+                        "backend's mode off. Call disable() from the thread that called enable()."
+                    )
+                logger.warning(
+                    "CPU backend: its torch-function mode was already off the stack (a mode entered "
+                    "before it and exited after it pops the top); restoring the replaced attributes"
+                )
             self._mode = None
+            self._mode_thread = None
             logging.getLogger(_RNG_LOGGER).removeFilter(self._log_filter)
             for rep in reversed(self._active):
                 if rep.had_attr:
