@@ -26,11 +26,13 @@ from typing import Any
 import torch
 
 from ..schedules.ir import Action, Kind, Placement
+from .grad_sync import GradSync
 from .p2p import Mailbox
+from .p2p_plan import BEFORE_START, RankPlan
 from .wgrad import WeightGradStore
 
 # The runtime executes the compute actions of the schedule IR; communication is
-# derived from them (see :func:`messages_sent`), matched in the senders' order.
+# derived from them and posted as the p2p plan says (see :mod:`.p2p_plan`).
 Step = Action
 
 
@@ -51,33 +53,6 @@ class StepTrace:
     events: list[TraceEvent] = field(default_factory=list)
 
 
-def messages_sent(programs: dict[int, Sequence[Step]], placement: Placement) -> dict[int, list[tuple[int, tuple]]]:
-    """For each rank, the (destination rank, message key) it sends, in program order."""
-    out: dict[int, list[tuple[int, tuple]]] = {}
-    for rank, program in programs.items():
-        sent = []
-        for step in program:
-            stage = placement.stage(rank, step.chunk)
-            if step.kind is Kind.F and not placement.is_last(stage):
-                dst, _ = placement.locate(stage + 1)
-                sent.append((dst, ("act", stage + 1, step.microbatch)))
-            elif step.kind in (Kind.B, Kind.BW) and not placement.is_first(stage):
-                dst, _ = placement.locate(stage - 1)
-                sent.append((dst, ("grad", stage - 1, step.microbatch)))
-        out[rank] = sent
-    return out
-
-
-def expected_messages(programs: dict[int, Sequence[Step]], placement: Placement, rank: int) -> dict[int, list[tuple]]:
-    """What ``rank`` receives from each peer, in the peer's send order."""
-    expected: dict[int, list[tuple]] = {}
-    for src, sent in messages_sent(programs, placement).items():
-        keys = [key for dst, key in sent if dst == rank]
-        if keys:
-            expected[src] = keys
-    return expected
-
-
 def _backward_step_fn() -> Callable[..., Any]:
     """Megatron's backward_step, with or without ``model_type`` (dropped in megatron-core 0.17)."""
     import inspect
@@ -92,19 +67,42 @@ def _backward_step_fn() -> Callable[..., Any]:
     return lambda i, o, g, config: schedules.backward_step(i, o, g, config)
 
 
-def _grad_finalizing_steps(program: Sequence[Step]) -> dict[int, int]:
-    """Index of the last action that completes each chunk's gradients (its last W or BW)."""
-    last: dict[int, int] = {}
-    for i, step in enumerate(program):
-        if step.kind in (Kind.W, Kind.BW):
-            last[step.chunk] = i
-    return last
+def _refuse_unsupported(config: Any) -> None:
+    """Options of Megatron's schedules this runtime does not honour fail here, named."""
+    refused = {
+        "variable_seq_lengths": ("--variable-seq-lengths", "messages have one shape per step here"),
+        "defer_embedding_wgrad_compute": (
+            "--defer-embedding-wgrad-compute", "its output-layer weight gradient is drained only by Megatron's own schedules"),
+        "num_microbatches_with_partial_activation_checkpoints": (
+            "--num-microbatches-with-partial-activation-checkpoints", "the runtime does not vary checkpointing per microbatch"),
+    }
+    for attr, (flag, why) in refused.items():
+        value = getattr(config, attr, None)
+        if value not in (None, False):
+            raise NotImplementedError(
+                f"{flag} ({attr}={value!r}) with a plugin pipeline schedule: {why}; unset it or use "
+                "--pipeline-schedule megatron"
+            )
+    if getattr(config, "mtp_num_layers", None):
+        raise NotImplementedError(
+            f"--mtp-num-layers ({config.mtp_num_layers}) with a plugin pipeline schedule: multi-token prediction "
+            "layers are placed by Megatron's own schedules; unset it or use --pipeline-schedule megatron"
+        )
+
+
+def _w_follows(program: Sequence[Step], index: int) -> bool:
+    """True if the W of the B at ``index`` is the next compute action (nothing to offload between)."""
+    b = program[index]
+    for step in program[index + 1:]:
+        if step.is_compute:
+            return step.kind is Kind.W and (step.chunk, step.microbatch) == (b.chunk, b.microbatch)
+    return False
 
 
 def run_program(
     *,
     program: Sequence[Step],
-    programs: dict[int, Sequence[Step]],
+    plan: RankPlan,
     placement: Placement,
     rank: int,
     store: WeightGradStore,
@@ -119,6 +117,7 @@ def run_program(
     force_all_reduce: bool | None = False,
     trace: StepTrace | None = None,
     offload: Any = None,
+    first_val_step: bool | None = None,
 ) -> list[Any]:
     """Run ``program`` (this rank's list of :class:`Step`) and return Megatron's forward data store.
 
@@ -139,31 +138,33 @@ def run_program(
             f"got {len(chunks)} chunk(s) and {len(iterators)} data iterator(s)"
         )
     config = get_model_config(chunks[0])
+    _refuse_unsupported(config)
     vpp = len(chunks) > 1
     backward_step = _backward_step_fn()
     group = parallel_state.get_pipeline_model_parallel_group()
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    seq = seq_length // tp if config.sequence_parallel else seq_length
+    cp_size = parallel_state.get_context_parallel_world_size()
+    seq = seq_length // cp_size  # each context-parallel rank holds its share of the sequence
+    if config.sequence_parallel:
+        seq //= tp
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     mailbox = Mailbox(
         rank=rank,
         group=group,
-        expected=expected_messages(programs, placement, rank),
+        plan=plan,
         shape=(seq, micro_batch_size, config.hidden_size),
         dtype=config.pipeline_dtype,
         device=device,
     )
-    cp_size = parallel_state.get_context_parallel_world_size()
     forward_data_store: list[Any] = []
     total_num_tokens = torch.zeros([], dtype=torch.int, device=device)
     activations: dict[tuple[int, int], tuple[Any, Any]] = {}
     next_microbatch = [0] * len(chunks)
-    last_finalizing = _grad_finalizing_steps(program) if not forward_only else {}
-    finalizing = dict(last_finalizing)
     offloaded_units = {(s.chunk, s.microbatch) for s in program if s.kind is Kind.OFFLOAD}
     # What W keeps between B and W moves to the host for the offloaded units, and with 'full'
-    # for every unit (also those whose B follows their F at once, e.g. the last stage's).
-    w_offload_units = {(s.chunk, s.microbatch) for s in program if s.kind is Kind.B} if (
+    # for every unit whose W does not run right after its B (nothing to gain there).
+    w_offload_units = {(program[i].chunk, program[i].microbatch) for i in range(len(program))
+                       if program[i].kind is Kind.B and not _w_follows(program, i)} if (
         offload is not None and offload.config.mode == "full") else offloaded_units
     engine = None
     if offload is not None and not forward_only and (offloaded_units or w_offload_units or offload.regions is not None):
@@ -176,34 +177,8 @@ def run_program(
             "--recompute-granularity full --recompute-method uniform|block, or drop --checkpoint-offload"
         )
     w_offloaded: set[tuple[int, int]] = set()  # units whose W inputs wait on the host
-
-    no_sync = config.no_sync_func
-    no_sync_list = no_sync if isinstance(no_sync, list) else None
-    sync_stack = contextlib.ExitStack()
-    per_chunk_sync: dict[int, contextlib.ExitStack] = {}
-    if not forward_only and no_sync is not None:
-        if no_sync_list is not None:
-            for c in range(len(chunks)):
-                per_chunk_sync[c] = contextlib.ExitStack()
-                per_chunk_sync[c].enter_context(no_sync_list[c]())
-        else:
-            sync_stack.enter_context(no_sync())
-
-    def enable_grad_sync(chunk: int) -> None:
-        if chunk in per_chunk_sync:
-            per_chunk_sync.pop(chunk).close()
-        elif no_sync_list is None and not any(c != chunk for c in finalizing):
-            sync_stack.close()
-
-    def after_grads_final(chunk: int) -> None:
-        finalizing.pop(chunk, None)
-        func = config.grad_sync_func
-        if func is None:
-            return
-        if isinstance(func, list):
-            func[chunk](chunks[chunk].parameters())
-        elif not finalizing:
-            func([p for c in chunks for p in c.parameters()])
+    sync = None if forward_only else GradSync(config, chunks, program, pp_rank=rank)
+    param_sync = config.param_sync_func if (vpp and not forward_only) else None
 
     def do_forward(step: Step) -> None:
         c, m = step.chunk, step.microbatch
@@ -214,9 +189,8 @@ def run_program(
             )
         next_microbatch[c] += 1
         stage = placement.stage(rank, c)
-        if m == 0 and c > 0 and config.param_sync_func is not None:
-            sync = config.param_sync_func[c] if isinstance(config.param_sync_func, list) else config.param_sync_func
-            sync(chunks[c].parameters())
+        if m == 0 and param_sync is not None:  # start each chunk's parameter all-gather before its first use
+            (param_sync[c] if isinstance(param_sync, list) else param_sync)(chunks[c].parameters())
         input_tensor = None
         if not placement.is_first(stage):
             src, _ = placement.locate(stage - 1)
@@ -254,7 +228,7 @@ def run_program(
             cp_size,
             collect_non_loss_data,
             None,
-            is_first_microbatch=(m == 0),
+            is_first_microbatch=schedules.check_first_val_step(first_val_step, forward_only, m == 0),
             current_microbatch=m,
             vp_stage=c if vpp else None,
             is_last_stage=placement.is_last(stage),
@@ -325,6 +299,7 @@ def run_program(
         Kind.OFFLOAD: do_offload, Kind.RELOAD: do_reload,
     }
     try:
+        mailbox.post(BEFORE_START)
         for index, step in enumerate(program):
             if step.kind in (Kind.OFFLOAD, Kind.RELOAD):
                 handlers[step.kind](step)
@@ -333,8 +308,8 @@ def run_program(
                 continue  # communication is derived from the compute actions
             if forward_only and step.kind is not Kind.F:
                 continue
-            if finalizing.get(step.chunk) == index:
-                enable_grad_sync(step.chunk)
+            if sync is not None:
+                sync.before(index, step)
             if w_offloaded and offload.reload_lead > 0:
                 prefetch_weight_inputs(index)
             start = time.perf_counter()
@@ -342,8 +317,9 @@ def run_program(
                 handlers[step.kind](step)
             if trace is not None:
                 trace.events.append(TraceEvent(rank, str(step), start, time.perf_counter()))
-            if last_finalizing.get(step.chunk) == index:
-                after_grads_final(step.chunk)
+            mailbox.post(index)
+            if sync is not None:
+                sync.after(index, step)
         mailbox.finish()
         if activations and not forward_only:
             raise RuntimeStateError(f"rank {rank}: activations never consumed by a backward: {sorted(activations)}")
@@ -351,9 +327,8 @@ def run_program(
         if offload is not None and not forward_only:
             offload.step_finished()
     finally:
-        for stack in per_chunk_sync.values():
-            stack.close()
-        sync_stack.close()
+        if sync is not None:
+            sync.close()
 
     if config.finalize_model_grads_func is not None and not forward_only:
         config.finalize_model_grads_func(

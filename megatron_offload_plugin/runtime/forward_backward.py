@@ -17,6 +17,7 @@ from typing import Any
 
 from ..schedules.ir import Action, Kind, Placement
 from .executor import Step, StepTrace, run_program
+from .p2p_plan import RankPlan, plan_p2p
 from .wgrad import WeightGradStore
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,20 @@ def _check_no_transformer_engine_linears(name: str, chunks: Sequence[Any]) -> No
                 )
 
 
+def _microbatch_group_size(name: str, config: Any, pp: int, chunks: int) -> int | None:
+    """Megatron's ``microbatch_group_size_per_vp_stage`` for the interleaved order (None: the
+    default, the pipeline size); other multi-chunk schedules have no such knob."""
+    group = getattr(config, "microbatch_group_size_per_vp_stage", None)
+    if chunks < 2 or group is None or group == pp:
+        return None
+    if name == "interleaved" or name.startswith("test-"):
+        return int(group)
+    raise NotImplementedError(
+        f"--microbatch-group-size-per-virtual-pipeline-stage={group} with --pipeline-schedule {name}: only "
+        f"the interleaved order groups microbatches; leave it at the pipeline size ({pp})"
+    )
+
+
 def make_forward_backward_func(
     name: str,
     source: ProgramSource,
@@ -75,8 +90,24 @@ def make_forward_backward_func(
     checked: set[str] = set()
 
     @functools.lru_cache(maxsize=16)
-    def programs_for(pp: int, chunks: int, microbatches: int) -> tuple[Placement, dict[int, list[Step]]]:
-        return source(pp, chunks, microbatches)
+    def programs_for(pp: int, chunks: int, microbatches: int, group: int | None = None
+                     ) -> tuple[Placement, dict[int, list[Step]]]:
+        if group is None:
+            return source(pp, chunks, microbatches)
+        return source(pp, chunks, microbatches, microbatch_group_size=group)
+
+    @functools.lru_cache(maxsize=16)
+    def plans_for(pp: int, chunks: int, microbatches: int, group: int | None, forward_only: bool
+                  ) -> tuple[Placement, dict[int, list[Step]], dict[int, RankPlan]]:
+        """The programs and their p2p plan (checked deadlock-free under NCCL), once per shape."""
+        placement, programs = programs_for(pp, chunks, microbatches, group)
+        if forward_only:
+            programs = {r: forward_only_program(placement, r, microbatches) for r in range(pp)}
+        return placement, programs, plan_p2p(programs, placement)
+
+    def clear_cache() -> None:
+        programs_for.cache_clear()
+        plans_for.cache_clear()
 
     def forward_backward(
         *,
@@ -110,22 +141,30 @@ def make_forward_backward_func(
                 "(encoder-decoder models and custom process-group collections); use "
                 "--pipeline-schedule megatron for this run"
             )
+        from megatron.core.utils import get_model_config
+
         chunks: Sequence[Any] = model if isinstance(model, (list, tuple)) else [model]
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         rank = parallel_state.get_pipeline_model_parallel_rank()
-        placement, programs = programs_for(pp, len(chunks), num_microbatches)
+        config = get_model_config(chunks[0])
+        group = _microbatch_group_size(name, config, pp, len(chunks))
+        placement, programs, plans = plans_for(pp, len(chunks), num_microbatches, group, bool(forward_only))
         if name not in checked:
             if placement.shape == "v":
                 _check_v_model(name, chunks)
             if splits_weight_gradients:
+                from ..patches.megatron_core import check_ddp_hooks_split_aware
+
                 _check_no_transformer_engine_linears(name, chunks)
+                check_ddp_hooks_split_aware(chunks, name)
             checked.add(name)
-        if forward_only:
-            programs = {r: forward_only_program(placement, r, num_microbatches) for r in range(pp)}
+        timers = getattr(config, "timers", None)
+        if timers is not None:
+            timers("forward-backward", log_level=1).start(barrier=config.barrier_with_L1_time)
         trace = StepTrace() if trace_sink is not None else None
         result = run_program(
             program=programs[rank],
-            programs=programs,
+            plan=plans[rank],
             placement=placement,
             rank=rank,
             store=store,
@@ -140,11 +179,15 @@ def make_forward_backward_func(
             force_all_reduce=force_all_reduce,
             trace=trace,
             offload=offload,
+            first_val_step=first_val_step,
         )
+        if timers is not None:
+            timers("forward-backward").stop()
         if trace is not None and trace_sink is not None:
             trace_sink(trace)
         return result
 
     forward_backward.__name__ = f"forward_backward_{name.replace('-', '_')}"
-    forward_backward.programs_for = programs_for  # type: ignore[attr-defined]  # auto re-plans by clearing it
+    forward_backward.programs_for = programs_for  # type: ignore[attr-defined]
+    forward_backward.clear_cache = clear_cache  # type: ignore[attr-defined]  # auto re-plans by clearing it
     return forward_backward

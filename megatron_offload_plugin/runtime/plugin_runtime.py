@@ -89,7 +89,8 @@ def _runnable(schedule: Any, offload: Any = None) -> tuple[Any, dict[int, list[S
 
 
 def schedule_programs(
-    name: str, pp: int, chunks: int, microbatches: int, offload: Any = None
+    name: str, pp: int, chunks: int, microbatches: int, offload: Any = None, *,
+    microbatch_group_size: int | None = None,
 ) -> tuple[Any, dict[int, list[Step]]]:
     """(placement, {rank: actions}) from the registry, validated; offload actions placed by ``offload``'s policy."""
     from ..schedules.generators import generate
@@ -112,7 +113,8 @@ def schedule_programs(
             f"--pipeline-schedule {name} runs one model chunk per pipeline rank; remove "
             "--num-layers-per-virtual-pipeline-stage or use --pipeline-schedule interleaved"
         )
-    schedule = generate(name, pp, microbatches, vpp=vpp) if vpp else generate(name, pp, microbatches)
+    options = {"microbatch_group_size": microbatch_group_size} if microbatch_group_size is not None else {}
+    schedule = generate(name, pp, microbatches, vpp=vpp, options=options) if vpp else generate(name, pp, microbatches)
     return _runnable(schedule, offload)
 
 
@@ -153,10 +155,10 @@ def build_runtime(config: PluginConfig, offload: Any = None) -> PluginRuntime | 
     recorder = TraceRecorder(config.schedule.pipeline_trace_dir)
     planner = AutoPlanner(config.schedule.auto_memory_limit, config.schedule.auto_replan_after) if name == "auto" else None
 
-    def source(pp: int, chunks: int, microbatches: int) -> tuple[Any, dict[int, list[Step]]]:
+    def source(pp: int, chunks: int, microbatches: int, **options: Any) -> tuple[Any, dict[int, list[Step]]]:
         if planner is not None:
             return planner.programs(pp, chunks, microbatches, offload)
-        return schedule_programs(name, pp, chunks, microbatches, offload)
+        return schedule_programs(name, pp, chunks, microbatches, offload, **options)
 
     sink: Callable[[Any], None] = recorder
     func_box: list[Any] = []
@@ -166,7 +168,7 @@ def build_runtime(config: PluginConfig, offload: Any = None) -> PluginRuntime | 
             recorder(trace)
             chunks = 1 + max((Action.parse(e.action).chunk for e in recorder.last_events), default=0)
             if planner.observe(recorder.last_events, chunks):
-                func_box[0].programs_for.cache_clear()  # plan again with the measured costs
+                func_box[0].clear_cache()  # plan again with the measured costs
 
     func = make_forward_backward_func(
         name, source, store, trace_sink=sink, splits_weight_gradients=_SPLITS_WEIGHT_GRADIENTS[name], offload=offload

@@ -13,12 +13,22 @@ reduction with ``overlap_grad_reduce``) happen exactly as they would have.
 
 Outside a capture (1F1B, forward-only, plain Megatron) the upstream backward
 runs untouched.
+
+The capture key is plain state of the store, not a thread-local: for CUDA
+tensors autograd runs backward on a worker thread of the device, where the
+caller's thread-locals are unset (one B runs at a time per process).
+
+Megatron DDP with ``overlap_grad_reduce`` hooks each weight's accumulation node
+and asserts a gradient arrived; in B the split backward returns none for the
+weight, so the store remembers which weights owe their gradient
+(:meth:`WeightGradStore.owes_gradient`) and the DDP hook patch skips exactly
+that one call; the W delivers the gradient through the same node, and the hook
+runs then.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
@@ -34,8 +44,9 @@ class WeightGradStore:
 
     def __init__(self) -> None:
         self._pending: dict[Hashable, list[Callable[[], None]]] = {}
-        self._local = threading.local()
+        self._key: Hashable | None = None
         self._unsplit: set[int] = set()
+        self._owed: dict[int, int] = {}  # id(weight) -> accumulation hooks to skip (B gave no gradient)
 
     def keep_unsplit(self, weight: torch.Tensor) -> None:
         """Compute this weight's gradient in B: used twice in one chunk (a tied embedding and
@@ -48,7 +59,7 @@ class WeightGradStore:
 
     @property
     def capturing_key(self) -> Hashable | None:
-        return getattr(self._local, "key", None)
+        return self._key
 
     @contextlib.contextmanager
     def capture(self, key: Hashable) -> Iterator[None]:
@@ -58,17 +69,33 @@ class WeightGradStore:
         if self.capturing_key is not None:
             raise WeightGradStoreError(f"B for {key} started inside B for {self.capturing_key}")
         self._pending[key] = []
-        self._local.key = key
+        self._key = key
         try:
             yield
         finally:
-            self._local.key = None
+            self._key = None
 
     def defer(self, work: Callable[[], None]) -> None:
         key = self.capturing_key
         if key is None:  # pragma: no cover - guarded by the caller
             raise WeightGradStoreError("defer() outside a B capture")
         self._pending[key].append(work)
+
+    def owe_gradient(self, weight: torch.Tensor) -> None:
+        """B returns no gradient for ``weight``: its accumulation node still runs, and its hooks
+        must not take that for the weight's gradient."""
+        self._owed[id(weight)] = self._owed.get(id(weight), 0) + 1
+
+    def owes_gradient(self, param: torch.Tensor) -> bool:
+        """True (once per :meth:`owe_gradient`) if this hook call is B's empty one for ``param``."""
+        n = self._owed.get(id(param), 0)
+        if n == 0 or param.grad is not None:
+            return False
+        if n == 1:
+            del self._owed[id(param)]
+        else:
+            self._owed[id(param)] = n - 1
+        return True
 
     def run(self, key: Hashable) -> int:
         """The W action: run ``key``'s queued work in the order B queued it; returns the count."""
@@ -86,6 +113,7 @@ class WeightGradStore:
         return list(self._pending)
 
     def assert_drained(self) -> None:
+        self._owed.clear()  # hooks that never ran (no DDP, or no hook on that weight)
         if self._pending:
             raise WeightGradStoreError(
                 f"weight-gradient work left at the end of the step for {sorted(map(str, self._pending))}"
@@ -173,6 +201,7 @@ def make_split_backward(original: Callable[..., Any], store: WeightGradStore) ->
             _accumulate_like_autograd(weight, go.t().matmul(ti))
 
         store.defer(weight_grad)
+        store.owe_gradient(weight)
         if handle is not None:
             handle.wait()
         none_tail = (None,) * 6
