@@ -75,6 +75,7 @@ def patches_for(
     patches = []
     if runtime is not None and runtime.splits_weight_gradients:
         patches.append(wgrad_split_patch(runtime.store))
+        patches.append(ddp_split_hook_patch(runtime.store))
     if runtime is not None and runtime.v_placement:
         patches += v_placement_patches()
     if activation_offload is not None and activation_offload.regions is not None:
@@ -119,55 +120,223 @@ def wgrad_split_patch(store: Any) -> Patch:
     )
 
 
+DDP_SPLIT_HOOK = "ddp-grad-hook-split"
+DDP_MAKE_HOOK = "megatron.core.distributed.distributed_data_parallel:DistributedDataParallel._make_backward_post_hook"
+
+
+def ddp_split_hook_patch(store: Any) -> Patch:
+    """Megatron DDP's grad hook, skipping the one empty call B makes for a split weight.
+
+    The hook runs on each parameter's accumulation node and, with ``overlap_grad_reduce``,
+    asserts a gradient arrived and counts the parameter ready; in B a split weight gets
+    none (its W delivers it later through the same node, and the hook runs then).
+    """
+
+    def factory(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def _make_backward_post_hook(self: Any, param: Any) -> Callable[..., Any]:
+            hook = original(self, param)
+            setattr(self, SPLIT_AWARE_DDP, True)
+
+            def hook_after_w(*unused: Any) -> None:
+                if store.owes_gradient(param):
+                    return
+                hook(*unused)
+
+            setattr(hook_after_w, PLUGIN_MARKER, DDP_SPLIT_HOOK)
+            return hook_after_w
+
+        return _make_backward_post_hook
+
+    return Patch(
+        name=DDP_SPLIT_HOOK,
+        target=DDP_MAKE_HOOK,
+        make_replacement=factory,
+        versions=SUPPORTED_MEGATRON_CORE,
+        reason="B/W split with Megatron DDP: a weight's grad hook runs when W delivers its gradient",
+        rebind_imported=False,
+    )
+
+
+SPLIT_AWARE_DDP = "_megatron_offload_plugin_split_aware_hooks"
+
+
+def check_ddp_hooks_split_aware(chunks: Any, name: str) -> None:
+    """A Megatron DDP built before ``apply()`` has upstream's hooks: with ``overlap_grad_reduce``
+    the first B would stop at upstream's assert; say what to do at the first step instead."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    for chunk in chunks:
+        if isinstance(chunk, DistributedDataParallel) and chunk.ddp_config.overlap_grad_reduce and not getattr(
+            chunk, SPLIT_AWARE_DDP, False
+        ):
+            raise RuntimeError(
+                f"--pipeline-schedule {name} with --overlap-grad-reduce: the model's DistributedDataParallel "
+                "was built before megatron_offload_plugin.apply(), so its grad hooks do not know that W "
+                "delivers the weight gradients; apply the plugin before building the model (or launch "
+                "through python -m megatron_offload_plugin.launch)"
+            )
+
+
 V_LAYER_OFFSET = "v-layer-offset"
+V_NUM_LAYERS = "v-num-layers"
 V_LAST_STAGE = "v-last-stage"
+V_PP_LAST_STAGE = "v-pp-last-stage"
+V_PP_LAST_RANK = "v-pp-last-rank"
+
+# Modules that import the pipeline_parallel.utils predicates by name in megatron-core
+# 0.16.1 through 0.19.0 (checked against each release); listed so that apply() fails loudly
+# if a release stops doing so, instead of silently leaving an unpatched copy.
+_PP_LAST_STAGE_SITES = (
+    "megatron.core.distributed.finalize_model_grads:is_pp_last_stage",
+    "megatron.core.models.common.language_module.language_module:is_pp_last_stage",
+)
+_PP_LAST_RANK_SITES = ("megatron.core.distributed.finalize_model_grads:get_pp_last_rank",)
 
 
 def _v_stage(pp_size: int, pp_rank: int, vp_stage: int) -> int:
     return pp_rank if vp_stage == 0 else 2 * pp_size - 1 - pp_rank
 
 
-def v_placement_patches() -> list[Patch]:
-    """Build model chunks in V order: rank r holds stages r (chunk 0) and 2p-1-r (chunk 1).
+def _v_configured() -> bool:
+    """Two virtual stages in Megatron's parallel state: the one case the V patches answer for.
 
-    Megatron numbers layers and picks the loss chunk for its interleaved order; with V,
-    chunk 1 of rank r starts at layer (2p-1-r) x layers-per-chunk and the loss chunk is
-    chunk 1 of rank 0.  Only calls that name a virtual stage change.
+    The patches are applied only for V schedules (and 'auto', which picks V for two chunks),
+    so two virtual stages mean the V placement; anything else gets Megatron's own answers.
+    """
+    from megatron.core import parallel_state
+
+    return parallel_state.get_virtual_pipeline_model_parallel_world_size() == 2
+
+
+def _v_config(config: Any, vp_stage: Any) -> bool:
+    """The same test for functions that get the model config and a virtual stage."""
+    return vp_stage is not None and config.virtual_pipeline_model_parallel_size == 2
+
+
+def _v_layers(config: Any, pp_rank: int | None, vp_stage: int) -> tuple[int, int]:
+    """(offset of the first layer, number of layers) of chunk ``vp_stage`` of ``pp_rank`` in V order.
+
+    The 2p stages share the layers equally, with ``account_for_embedding_in_pipeline_split``
+    and ``account_for_loss_in_pipeline_split`` counting the embedding (V stage 0) and the loss
+    (V stage 2p-1) as one layer each, as Megatron counts them for its own first and last
+    stage; under V both sit on rank 0, so both options lighten rank 0's two chunks.
+    """
+    if (
+        config.pipeline_model_parallel_layout
+        or config.num_layers_in_first_pipeline_stage is not None
+        or config.num_layers_in_last_pipeline_stage is not None
+    ):
+        raise NotImplementedError(
+            "V-shaped schedules need an even layer split: unset pipeline_model_parallel_layout, "
+            "num_layers_in_first_pipeline_stage and num_layers_in_last_pipeline_stage"
+        )
+    if pp_rank is None:
+        from megatron.core import parallel_state
+
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    p = config.pipeline_model_parallel_size
+    embedding = int(bool(config.account_for_embedding_in_pipeline_split))
+    loss = int(bool(config.account_for_loss_in_pipeline_split))
+    total, stages = config.num_layers + embedding + loss, 2 * p
+    if total % stages:
+        counted = "".join(
+            f" + 1 ({option})"
+            for option, on in (("account_for_embedding_in_pipeline_split", embedding),
+                               ("account_for_loss_in_pipeline_split", loss))
+            if on
+        )
+        raise ValueError(
+            f"V placement: num_layers={config.num_layers}{counted} = {total} must split evenly over "
+            f"2 x pipeline_model_parallel_size = {stages} stages; choose num_layers so that the total "
+            f"is a multiple of {stages}"
+        )
+    per_stage = total // stages
+    stage = _v_stage(p, pp_rank, vp_stage)
+    offset = stage * per_stage - (embedding if stage > 0 else 0)
+    count = per_stage - (embedding if stage == 0 else 0) - (loss if stage == stages - 1 else 0)
+    return offset, count
+
+
+def v_placement_patches() -> list[Patch]:
+    """Build and train model chunks in V order: rank r holds stages r (chunk 0) and 2p-1-r (chunk 1).
+
+    Megatron assumes its interleaved order, where the last stage is chunk vp-1 of rank p-1.
+    Under V (two virtual stages configured) the patched functions answer:
+
+    * ``get_transformer_layer_offset(config, vp_stage, pp_rank)`` and
+      ``get_num_layers_to_build(config, vp_stage, pp_rank)``: V stage s = r (chunk 0) or
+      2p-1-r (chunk 1) holds the s-th equal share of the layers, with the ``account_for_*``
+      options counted as in :func:`_v_layers` (``vp_stage=None`` keeps Megatron's answer).
+    * ``parallel_state.is_pipeline_last_stage``: with ``vp_stage``, True only for chunk 1 of
+      rank 0; with ``ignore_virtual=True`` ("does this rank hold the last stage"), True on
+      rank 0, which holds the loss and returns the reduced losses (Megatron-LM's train_step
+      averages them where this is True).  ``ignore_virtual=False`` without ``vp_stage`` keeps
+      Megatron's assert.
+    * ``pipeline_parallel.utils.is_pp_last_stage(pp_group)``: True on pipeline rank 0.  Every
+      caller in megatron-core 0.16 that places or casts the last stage joins it with
+      ``is_vp_last_stage(vp_stage)`` (Megatron-LM's get_model for post_process, Float16Module's
+      fp32 upcast, LanguageModule's embedding group), so the pair is True exactly for chunk 1
+      of rank 0.  ``is_vp_first/last_stage`` and ``is_pp_first_stage`` need no change: under V
+      the first stage is still chunk 0 of rank 0 and the last is still chunk vp-1 = 1.
+      (``get_pp_next_rank`` asks it too and returns None on rank 0; nothing in core calls it.)
+    * ``pipeline_parallel.utils.get_pp_last_rank(pp_group)``: the global rank of pipeline
+      rank 0, where ``finalize_model_grads`` must broadcast the per-token-loss token count from.
+
+    Megatron's schedules also ask these functions, but under V the plugin runtime replaces them.
     """
 
     def offset_factory(original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
         def get_transformer_layer_offset(config: Any, vp_stage: Any = None, pp_rank: Any = None) -> int:
-            if vp_stage is None or config.virtual_pipeline_model_parallel_size != 2:
+            if not _v_config(config, vp_stage):
                 return original(config, vp_stage=vp_stage, pp_rank=pp_rank)
-            if (
-                config.pipeline_model_parallel_layout
-                or config.num_layers_in_first_pipeline_stage is not None
-                or config.num_layers_in_last_pipeline_stage is not None
-            ):
-                raise NotImplementedError(
-                    "V-shaped schedules need an even layer split: unset pipeline_model_parallel_layout, "
-                    "num_layers_in_first_pipeline_stage and num_layers_in_last_pipeline_stage"
-                )
-            from megatron.core import parallel_state
-
-            if pp_rank is None:
-                pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-            p = config.pipeline_model_parallel_size
-            return _v_stage(p, pp_rank, vp_stage) * (config.num_layers // (2 * p))
+            return _v_layers(config, pp_rank, vp_stage)[0]
 
         return get_transformer_layer_offset
+
+    def num_layers_factory(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def get_num_layers_to_build(config: Any, vp_stage: Any = None, pp_rank: Any = None) -> int:
+            if not _v_config(config, vp_stage):
+                return original(config, vp_stage=vp_stage, pp_rank=pp_rank)
+            return _v_layers(config, pp_rank, vp_stage)[1]
+
+        return get_num_layers_to_build
 
     def last_stage_factory(original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
         def is_pipeline_last_stage(ignore_virtual: bool = True, vp_stage: Any = None) -> bool:
             from megatron.core import parallel_state
 
-            if ignore_virtual or vp_stage is None or parallel_state.get_virtual_pipeline_model_parallel_world_size() != 2:
+            if not _v_configured() or (not ignore_virtual and vp_stage is None):
                 return original(ignore_virtual=ignore_virtual, vp_stage=vp_stage)
-            return parallel_state.get_pipeline_model_parallel_rank() == 0 and vp_stage == 1
+            on_rank0 = parallel_state.get_pipeline_model_parallel_rank() == 0
+            return on_rank0 if ignore_virtual else on_rank0 and vp_stage == 1
 
         return is_pipeline_last_stage
+
+    def pp_last_stage_factory(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def is_pp_last_stage(pp_group: Any) -> bool:
+            if not _v_configured():
+                return original(pp_group)
+            from megatron.core.utils import get_pg_rank
+
+            return get_pg_rank(pp_group) == 0
+
+        return is_pp_last_stage
+
+    def pp_last_rank_factory(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def get_pp_last_rank(pp_group: Any) -> int:
+            if not _v_configured():
+                return original(pp_group)
+            import torch
+
+            return torch.distributed.get_process_group_ranks(pp_group)[0]
+
+        return get_pp_last_rank
 
     return [
         Patch(
@@ -178,11 +347,34 @@ def v_placement_patches() -> list[Patch]:
             reason="V placement: layer numbers of each (rank, chunk)",
         ),
         Patch(
+            name=V_NUM_LAYERS,
+            target="megatron.core.transformer.transformer_block:get_num_layers_to_build",
+            make_replacement=num_layers_factory,
+            versions=SUPPORTED_MEGATRON_CORE,
+            reason="V placement: layers of each (rank, chunk), account_for_* on rank 0's two chunks",
+        ),
+        Patch(
             name=V_LAST_STAGE,
             target="megatron.core.parallel_state:is_pipeline_last_stage",
             make_replacement=last_stage_factory,
             versions=SUPPORTED_MEGATRON_CORE,
             reason="V placement: the loss chunk is chunk 1 of pipeline rank 0",
+        ),
+        Patch(
+            name=V_PP_LAST_STAGE,
+            target="megatron.core.pipeline_parallel.utils:is_pp_last_stage",
+            make_replacement=pp_last_stage_factory,
+            versions=SUPPORTED_MEGATRON_CORE,
+            reason="V placement: pipeline rank 0 holds the last stage (output layer, loss, fp32 upcast)",
+            extra_sites=_PP_LAST_STAGE_SITES,
+        ),
+        Patch(
+            name=V_PP_LAST_RANK,
+            target="megatron.core.pipeline_parallel.utils:get_pp_last_rank",
+            make_replacement=pp_last_rank_factory,
+            versions=SUPPORTED_MEGATRON_CORE,
+            reason="V placement: the token count for per-token loss lives on pipeline rank 0",
+            extra_sites=_PP_LAST_RANK_SITES,
         ),
     ]
 
