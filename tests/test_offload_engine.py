@@ -208,3 +208,90 @@ def test_layerwise_offload_keeps_at_most_one_layer_resident_and_is_bitwise():
     assert fig["saved"] < ref_fig["saved"] / 6
     assert tracker.peak_bytes <= 2 * ref_fig["saved"] / 6
     assert engine.units() == [] and "forward" not in vars(layers[0])
+
+
+class _TimingEvent:
+    """A CUDA timing event that has ended, at a known time in ms (a CPU build has no events)."""
+
+    def __init__(self, ms: float) -> None:
+        self.ms = ms
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: "_TimingEvent") -> float:
+        return end.ms - self.ms
+
+
+class _EventTimedCopies:
+    """Real copies between distinct buffers, reported as ``CudaCopies`` reports them: a start
+    and an end event per copy, read by the engine after the fact.  Keeps a weak set of the
+    events it made (to count what the engine still holds) and, per direction, the copy times
+    summed in issue order (what ``take_stats`` must report)."""
+
+    asynchronous = True
+
+    def __init__(self) -> None:
+        import weakref
+
+        self.clock_ms = 0.0
+        self.events: "weakref.WeakSet[_TimingEvent]" = weakref.WeakSet()
+        self.seconds = {"d2h": 0.0, "h2d": 0.0}
+
+    def _ticket(self, direction: str, nbytes: int):
+        from megatron_offload_plugin.offload.copies import Ticket
+
+        start = _TimingEvent(self.clock_ms)
+        self.clock_ms += 0.25 + nbytes / 8192
+        end = _TimingEvent(self.clock_ms)
+        self.events.update((start, end))
+        self.seconds[direction] += start.elapsed_time(end) / 1000.0  # as Ticket.seconds() computes it
+        return Ticket(nbytes, end=end, start=start)
+
+    def d2h(self, src: torch.Tensor, dst: torch.Tensor):
+        dst[: src.numel()].copy_(src)
+        return self._ticket("d2h", src.numel())
+
+    def h2d(self, src: torch.Tensor, device: torch.device, nbytes: int, after):
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        dst.copy_(src[:nbytes])
+        return dst, self._ticket("h2d", nbytes)
+
+
+@pytest.mark.parametrize("end_of_step", ["step_finished", "nothing"])
+def test_copy_timings_stay_bounded_without_take_stats_and_keep_their_totals(end_of_step):
+    """Megatron-LM's own loop (through the launcher) never calls take_stats(), and DeepSpeed's calls
+    neither it nor step_finished(): the events timing each copy must not pile up over the steps,
+    and take_stats() at the end still reports every copy's time, summed in issue order."""
+    import gc
+
+    from megatron_offload_plugin.backends import cpu as cpu_backend
+
+    torch.manual_seed(0)
+    model = ViewingBlock()
+    x = torch.randn(64, 32)
+    engine = OffloadEngine(min_tensor_bytes=0, exclude=list(model.parameters()))
+    copies = engine.copies = _EventTimedCopies()
+    held: list[int] = []
+    with cpu_backend.cpu_backend():  # Ticket.wait() orders "the compute stream" after each reload
+        for _ in range(12):
+            with engine.capture("u"):
+                y = model(x.requires_grad_())
+            engine.offload("u")
+            engine.reload("u")
+            y.square().sum().backward()
+            engine.release("u")
+            if end_of_step == "step_finished":
+                engine.step_finished()
+            del y
+            gc.collect()
+            held.append(len(copies.events))
+    assert copies.clock_ms > 0
+    assert max(held) <= held[0], f"timing events still held after each step: {held}"
+    stats = engine.take_stats()
+    assert stats["offloaded_units"] == 12 and stats["reloaded_bytes"] == stats["offloaded_bytes"] > 0
+    assert (stats["d2h_seconds"], stats["h2d_seconds"]) == (round(copies.seconds["d2h"], 6),
+                                                            round(copies.seconds["h2d"], 6))

@@ -407,10 +407,29 @@ class OffloadEngine:
             self._add_seconds(direction, seconds, seconds)
         else:
             self._timed.append((direction, ticket))  # read once the events have ended
+            self._fold_ended_timings()
 
     def _add_seconds(self, direction: str, copy_s: float, exposed_s: float) -> None:
         setattr(self.stats, f"{direction}_seconds", getattr(self.stats, f"{direction}_seconds") + copy_s)
         self.stats.exposed_seconds += exposed_s
+
+    def _fold_ended_timings(self) -> None:
+        """GPU: add the copies that have ended to the stats, oldest first, without blocking.
+
+        Not every loop calls :meth:`take_stats` (Megatron-LM's own, through the launcher,
+        never does), so the events must not wait for it: they would pile up every step.
+        Folding stops at the first copy still in flight (or whose compute wait has not
+        been reached), so the sums are added in issue order, as ``take_stats`` would.
+        A copy that ended before anything waited for it was hidden: a wait recorded
+        after this fold would measure a negative, i.e. zero, exposure.
+        """
+        ended = 0
+        for direction, ticket in self._timed:
+            if not ticket.done() or (ticket.compute_wait is not None and not ticket.compute_wait.query()):
+                break
+            self._add_seconds(direction, ticket.seconds(), ticket.exposed_seconds())
+            ended += 1
+        del self._timed[:ended]
 
     def _settle_timings(self) -> None:
         """GPU: turn ended copies' events into seconds (copy time, and the part compute waited for)."""
@@ -477,6 +496,7 @@ class OffloadEngine:
         with self._lock:
             left = list(self._units)
             self._release_finished_host_buffers(wait=True)
+            self._fold_ended_timings()
             if left:
                 for unit in left:
                     self.release(unit)
