@@ -51,6 +51,7 @@ class TraceEvent:
 @dataclass
 class StepTrace:
     events: list[TraceEvent] = field(default_factory=list)
+    clock: str = "host-perf-counter"
 
 
 def _backward_step_fn() -> Callable[..., Any]:
@@ -298,6 +299,11 @@ def run_program(
         Kind.F: do_forward, Kind.B: do_backward, Kind.BW: do_backward, Kind.W: do_weight,
         Kind.OFFLOAD: do_offload, Kind.RELOAD: do_reload,
     }
+    from .trace import ActionTimer
+
+    timer = ActionTimer(trace, rank) if trace is not None else None
+    if timer is not None:
+        trace.clock = timer.clock
     try:
         mailbox.post(BEFORE_START)
         for index, step in enumerate(program):
@@ -312,15 +318,18 @@ def run_program(
                 sync.before(index, step)
             if w_offloaded and offload.reload_lead > 0:
                 prefetch_weight_inputs(index)
-            start = time.perf_counter()
+            if timer is not None:
+                timer.start()
             with torch.profiler.record_function(f"PP:{step}"):
                 handlers[step.kind](step)
-            if trace is not None:
-                trace.events.append(TraceEvent(rank, str(step), start, time.perf_counter()))
+            if timer is not None:
+                timer.end(str(step))
             mailbox.post(index)
             if sync is not None:
                 sync.after(index, step)
         mailbox.finish()
+        if timer is not None:
+            timer.finish()
         if activations and not forward_only:
             raise RuntimeStateError(f"rank {rank}: activations never consumed by a backward: {sorted(activations)}")
         store.assert_drained()

@@ -161,7 +161,8 @@ def make_forward_backward_func(
         timers = getattr(config, "timers", None)
         if timers is not None:
             timers("forward-backward", log_level=1).start(barrier=config.barrier_with_L1_time)
-        trace = StepTrace() if trace_sink is not None else None
+        wanted = trace_sink is not None and getattr(trace_sink, "wanted", lambda: True)()
+        trace = StepTrace() if wanted else None
         result = run_program(
             program=programs[rank],
             plan=plans[rank],
@@ -183,8 +184,10 @@ def make_forward_backward_func(
         )
         if timers is not None:
             timers("forward-backward").stop()
-        if trace is not None and trace_sink is not None:
+        if trace is not None:
             trace_sink(trace)
+        elif trace_sink is not None and hasattr(trace_sink, "skip"):
+            trace_sink.skip()
         return result
 
     forward_backward.__name__ = f"forward_backward_{name.replace('-', '_')}"

@@ -31,8 +31,9 @@ _SPLITS_WEIGHT_GRADIENTS = {
 class AutoPlanner:
     """``auto``: plan from equal costs, then again from the costs measured in the first runs.
 
-    Every pipeline rank receives the same gathered timeline, so every rank computes the
-    same costs and therefore the same schedule.  Costs are per microbatch through one
+    Costs come from the measured timeline of iteration ``replan_after`` (CUDA-event times on
+    GPU); global rank 0's costs are broadcast to the whole world, so every rank, also
+    tensor-parallel peers in other pipeline groups, plans the same schedule.  Costs are per microbatch through one
     device's full share of layers (a V chunk's measured time counts twice); communication
     is taken as 0 (waits are not separated from transfer times).
     """
@@ -64,17 +65,58 @@ class AutoPlanner:
         from dataclasses import replace
 
         self.iterations += 1
-        if self.replan_after <= 0 or self.iterations != self.replan_after or not events:
+        if self.replan_after <= 0 or self.iterations != self.replan_after:
             return False
         durations: dict[str, list[float]] = {"F": [], "B": [], "W": [], "BW": []}
         for e in events:
             durations[Action.parse(e.action).kind.value].append(e.end - e.start)
         mean = {k: sum(v) / len(v) for k, v in durations.items() if v}
-        if "F" not in mean or not ("B" in mean and "W" in mean):
+        measured = None
+        if "F" in mean and "B" in mean and "W" in mean:
+            measured = (mean["F"] * chunks, mean["B"] * chunks, mean["W"] * chunks)
+        measured = _agree_world_wide(measured)
+        if measured is None:
             return False
-        self.costs = replace(self.costs, f=mean["F"] * chunks, b=mean["B"] * chunks, w=mean["W"] * chunks, comm=0.0)
+        self.costs = replace(self.costs, f=measured[0], b=measured[1], w=measured[2], comm=0.0)
         self.version += 1
         return True
+
+
+class _AutoSink:
+    """``auto``'s trace sink: the recorder's, plus a re-plan from the measured iteration."""
+
+    def __init__(self, recorder: TraceRecorder, planner: AutoPlanner, func_box: list[Any]) -> None:
+        self.recorder = recorder
+        self.planner = planner
+        self.func_box = func_box
+        if planner.replan_after > 0:
+            recorder.extra_iterations.add(planner.replan_after - 1)
+
+    def wanted(self) -> bool:
+        return self.recorder.wanted()
+
+    def skip(self) -> None:
+        self.recorder.skip()
+        self.planner.iterations += 1
+
+    def __call__(self, trace: Any) -> None:
+        self.recorder(trace)
+        chunks = 1 + max((Action.parse(e.action).chunk for e in self.recorder.last_events), default=0)
+        if self.planner.observe(self.recorder.last_events, chunks):
+            self.func_box[0].clear_cache()  # plan again with the measured costs
+
+
+def _agree_world_wide(value: Any) -> Any:
+    """Global rank 0's value on every rank: each pipeline group measures its own costs, and
+    tensor-parallel peers (in different pipeline groups) must run the same schedule, or their
+    all-reduces pair up wrongly."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _runnable(schedule: Any, offload: Any = None) -> tuple[Any, dict[int, list[Step]]]:
@@ -160,15 +202,10 @@ def build_runtime(config: PluginConfig, offload: Any = None) -> PluginRuntime | 
             return planner.programs(pp, chunks, microbatches, offload)
         return schedule_programs(name, pp, chunks, microbatches, offload, **options)
 
-    sink: Callable[[Any], None] = recorder
+    sink: Any = recorder
     func_box: list[Any] = []
     if planner is not None:
-
-        def sink(trace: Any) -> None:
-            recorder(trace)
-            chunks = 1 + max((Action.parse(e.action).chunk for e in recorder.last_events), default=0)
-            if planner.observe(recorder.last_events, chunks):
-                func_box[0].clear_cache()  # plan again with the measured costs
+        sink = _AutoSink(recorder, planner, func_box)
 
     func = make_forward_backward_func(
         name, source, store, trace_sink=sink, splits_weight_gradients=_SPLITS_WEIGHT_GRADIENTS[name], offload=offload
