@@ -158,6 +158,11 @@ class Trainer:
         from megatron.core import parallel_state
 
         self.recipe = recipe
+        from ... import plugin as plugin_api
+
+        runtime = plugin_api.active_runtime()
+        if runtime is not None:
+            runtime.recorder.measure_bubbles = True  # the log line carries the measured bubble rate
         self.bundle = bundle
         self.data = data
         self.world_size = torch.distributed.get_world_size()
