@@ -56,3 +56,47 @@ def test_unsupported_megatron_arguments_are_named():
     finally:
         mop.revert()
     assert cfg.schedule.pipeline_schedule == "1f1b"
+
+
+def _config(**overrides):
+    from types import SimpleNamespace
+
+    base = dict(variable_seq_lengths=False, defer_embedding_wgrad_compute=False,
+                num_microbatches_with_partial_activation_checkpoints=None, mtp_num_layers=None)
+    return SimpleNamespace(**{**base, **overrides})
+
+
+@pytest.mark.parametrize(
+    "option, value, flag",
+    [
+        ("variable_seq_lengths", True, "--variable-seq-lengths"),
+        ("defer_embedding_wgrad_compute", True, "--defer-embedding-wgrad-compute"),
+        ("num_microbatches_with_partial_activation_checkpoints", 2,
+         "--num-microbatches-with-partial-activation-checkpoints"),
+        ("mtp_num_layers", 1, "--mtp-num-layers"),
+    ],
+)
+def test_megatron_options_the_runtime_does_not_honour_fail_at_the_first_step(option, value, flag):
+    """Before, these were ignored: e.g. the output layer's deferred weight gradient was never
+    drained (Megatron's own schedules call finish_embedding_wgrad_compute)."""
+    from megatron_offload_plugin.runtime.executor import _refuse_unsupported
+
+    _refuse_unsupported(_config())
+    with pytest.raises(NotImplementedError, match=flag) as err:
+        _refuse_unsupported(_config(**{option: value}))
+    assert "--pipeline-schedule megatron" in str(err.value)
+
+
+def test_microbatch_group_size_is_honoured_by_interleaved_and_refused_elsewhere():
+    from types import SimpleNamespace
+
+    from megatron_offload_plugin.runtime.forward_backward import _microbatch_group_size
+
+    assert _microbatch_group_size("interleaved", SimpleNamespace(microbatch_group_size_per_vp_stage=4), 2, 2) == 4
+    assert _microbatch_group_size("interleaved", SimpleNamespace(microbatch_group_size_per_vp_stage=2), 2, 2) is None
+    assert _microbatch_group_size("zb-h1", SimpleNamespace(microbatch_group_size_per_vp_stage=4), 2, 1) is None
+    with pytest.raises(NotImplementedError, match="--microbatch-group-size-per-virtual-pipeline-stage=4"):
+        _microbatch_group_size("zb-v", SimpleNamespace(microbatch_group_size_per_vp_stage=4), 2, 2)
+    placement, programs = schedule_programs("interleaved", 2, 2, 8, microbatch_group_size=4)
+    first_chunk1 = next(i for i, a in enumerate(programs[0]) if a.chunk == 1)
+    assert [a.microbatch for a in programs[0][:first_chunk1]] == [0, 1, 2, 3]  # a group of 4 through chunk 0
