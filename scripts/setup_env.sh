@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment with the pinned stack.
 # Idempotent: a stamp of the requirement files skips the pip step when nothing changed.
+#
+# Knobs (environment), defaults unchanged for CPU machines:
+#   TORCH_REQUIREMENT           what pip installs when the venv has no torch
+#                               (default torch==$TORCH_VERSION, the CPU wheel on these machines;
+#                               scripts/gpu_check.sh passes "torch": pip's default build, CUDA on Linux)
+#   VENV_SYSTEM_SITE_PACKAGES=1 create a new venv with --system-site-packages, so that a torch
+#                               the base python already has (a GPU cluster's own) is kept
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+TORCH_REQUIREMENT="${TORCH_REQUIREMENT:-torch==$TORCH_VERSION}"
 
 log() { echo "[setup] $*" >&2; }
 
@@ -23,8 +31,13 @@ if ! dpkg -s libaio-dev >/dev/null 2>&1; then
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
-    log "creating virtual environment $VENV with $PYTHON"
-    "$PYTHON" -m venv "$VENV"
+    if [ "${VENV_SYSTEM_SITE_PACKAGES:-0}" = "1" ]; then
+        log "creating virtual environment $VENV with $PYTHON (sees its site-packages)"
+        "$PYTHON" -m venv --system-site-packages "$VENV"
+    else
+        log "creating virtual environment $VENV with $PYTHON"
+        "$PYTHON" -m venv "$VENV"
+    fi
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
@@ -32,8 +45,8 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 # megatron-core or deepspeed would choose a multi-GB CUDA build.  A torch that is
 # already there (a GPU cluster's own build) is kept.
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
-    log "installing torch==$TORCH_VERSION"
-    "${PIP[@]}" install -q "torch==$TORCH_VERSION"
+    log "installing $TORCH_REQUIREMENT"
+    "${PIP[@]}" install -q "$TORCH_REQUIREMENT"
 fi
 
 STAMP="$VENV/.megatron_offload_plugin.stamp"
