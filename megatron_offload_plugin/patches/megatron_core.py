@@ -183,10 +183,12 @@ V_NUM_LAYERS = "v-num-layers"
 V_LAST_STAGE = "v-last-stage"
 V_PP_LAST_STAGE = "v-pp-last-stage"
 V_PP_LAST_RANK = "v-pp-last-rank"
+V_TIED_EMBEDDINGS = "v-refuse-tied-embeddings"
 
-# Modules that import the pipeline_parallel.utils predicates by name in megatron-core
-# 0.16.1 through 0.19.0 (checked against each release); listed so that apply() fails loudly
-# if a release stops doing so, instead of silently leaving an unpatched copy.
+# Modules that import the pipeline_parallel.utils functions by name in megatron-core 0.16.1
+# through 0.19.0 (checked in each release); listed so that apply() fails loudly if a release
+# stops doing so, instead of leaving a copy unpatched.  Other by-name imports (Megatron-LM's
+# training.py, the schedules) are found by rebind_imported.
 _PP_LAST_STAGE_SITES = (
     "megatron.core.distributed.finalize_model_grads:is_pp_last_stage",
     "megatron.core.models.common.language_module.language_module:is_pp_last_stage",
@@ -258,6 +260,84 @@ def _v_layers(config: Any, pp_rank: int | None, vp_stage: int) -> tuple[int, int
     return offset, count
 
 
+# The factories hold no state, so v_placement_patches() returns equal Patches on every call and
+# applying them again to the same PatchSet is a no-op.
+
+
+def _v_offset_factory(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def get_transformer_layer_offset(config: Any, vp_stage: Any = None, pp_rank: Any = None) -> int:
+        if not _v_config(config, vp_stage):
+            return original(config, vp_stage=vp_stage, pp_rank=pp_rank)
+        return _v_layers(config, pp_rank, vp_stage)[0]
+
+    return get_transformer_layer_offset
+
+
+def _v_num_layers_factory(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def get_num_layers_to_build(config: Any, vp_stage: Any = None, pp_rank: Any = None) -> int:
+        if not _v_config(config, vp_stage):
+            return original(config, vp_stage=vp_stage, pp_rank=pp_rank)
+        return _v_layers(config, pp_rank, vp_stage)[1]
+
+    return get_num_layers_to_build
+
+
+def _v_last_stage_factory(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def is_pipeline_last_stage(ignore_virtual: bool = True, vp_stage: Any = None) -> bool:
+        from megatron.core import parallel_state
+
+        if not _v_configured() or (not ignore_virtual and vp_stage is None):
+            return original(ignore_virtual=ignore_virtual, vp_stage=vp_stage)
+        on_rank0 = parallel_state.get_pipeline_model_parallel_rank() == 0
+        return on_rank0 if ignore_virtual else on_rank0 and vp_stage == 1
+
+    return is_pipeline_last_stage
+
+
+def _v_pp_last_stage_factory(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def is_pp_last_stage(pp_group: Any) -> bool:
+        if not _v_configured():
+            return original(pp_group)
+        from megatron.core.utils import get_pg_rank
+
+        return get_pg_rank(pp_group) == 0
+
+    return is_pp_last_stage
+
+
+def _v_pp_last_rank_factory(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def get_pp_last_rank(pp_group: Any) -> int:
+        if not _v_configured():
+            return original(pp_group)
+        import torch
+
+        return torch.distributed.get_process_group_ranks(pp_group)[0]
+
+    return get_pp_last_rank
+
+
+def _v_tied_embeddings_factory(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def setup_embeddings_and_output_layer(self: Any) -> None:
+        tied = self.share_embeddings_and_output_weights and self.config.pipeline_model_parallel_size > 1
+        if tied and _v_configured():
+            raise NotImplementedError(
+                "V placement (--pipeline-schedule zb-v, v-half, v-min, or auto with two chunks per rank) "
+                "puts the embedding and the output layer in two chunks of pipeline rank 0, but "
+                "share_embeddings_and_output_weights=True ties them through Megatron's embedding group "
+                "of the first and last pipeline ranks; add --untie-embeddings-and-output-weights "
+                "(share_embeddings_and_output_weights=False)"
+            )
+        original(self)
+
+    return setup_embeddings_and_output_layer
+
+
 def v_placement_patches() -> list[Patch]:
     """Build and train model chunks in V order: rank r holds stages r (chunk 0) and 2p-1-r (chunk 1).
 
@@ -284,86 +364,38 @@ def v_placement_patches() -> list[Patch]:
       rank 0, where ``finalize_model_grads`` must broadcast the per-token-loss token count from.
 
     Megatron's schedules also ask these functions, but under V the plugin runtime replaces them.
+
+    Tied embedding and output weights are refused when a chunk is built
+    (``LanguageModule.setup_embeddings_and_output_layer``): Megatron ties them by an
+    all-reduce over the embedding group of the first and last pipeline ranks, but under V
+    both live on rank 0, so rank 0 would wait in that all-reduce for a peer that never joins.
     """
-
-    def offset_factory(original: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(original)
-        def get_transformer_layer_offset(config: Any, vp_stage: Any = None, pp_rank: Any = None) -> int:
-            if not _v_config(config, vp_stage):
-                return original(config, vp_stage=vp_stage, pp_rank=pp_rank)
-            return _v_layers(config, pp_rank, vp_stage)[0]
-
-        return get_transformer_layer_offset
-
-    def num_layers_factory(original: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(original)
-        def get_num_layers_to_build(config: Any, vp_stage: Any = None, pp_rank: Any = None) -> int:
-            if not _v_config(config, vp_stage):
-                return original(config, vp_stage=vp_stage, pp_rank=pp_rank)
-            return _v_layers(config, pp_rank, vp_stage)[1]
-
-        return get_num_layers_to_build
-
-    def last_stage_factory(original: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(original)
-        def is_pipeline_last_stage(ignore_virtual: bool = True, vp_stage: Any = None) -> bool:
-            from megatron.core import parallel_state
-
-            if not _v_configured() or (not ignore_virtual and vp_stage is None):
-                return original(ignore_virtual=ignore_virtual, vp_stage=vp_stage)
-            on_rank0 = parallel_state.get_pipeline_model_parallel_rank() == 0
-            return on_rank0 if ignore_virtual else on_rank0 and vp_stage == 1
-
-        return is_pipeline_last_stage
-
-    def pp_last_stage_factory(original: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(original)
-        def is_pp_last_stage(pp_group: Any) -> bool:
-            if not _v_configured():
-                return original(pp_group)
-            from megatron.core.utils import get_pg_rank
-
-            return get_pg_rank(pp_group) == 0
-
-        return is_pp_last_stage
-
-    def pp_last_rank_factory(original: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(original)
-        def get_pp_last_rank(pp_group: Any) -> int:
-            if not _v_configured():
-                return original(pp_group)
-            import torch
-
-            return torch.distributed.get_process_group_ranks(pp_group)[0]
-
-        return get_pp_last_rank
-
     return [
         Patch(
             name=V_LAYER_OFFSET,
             target="megatron.core.transformer.transformer_layer:get_transformer_layer_offset",
-            make_replacement=offset_factory,
+            make_replacement=_v_offset_factory,
             versions=SUPPORTED_MEGATRON_CORE,
             reason="V placement: layer numbers of each (rank, chunk)",
         ),
         Patch(
             name=V_NUM_LAYERS,
             target="megatron.core.transformer.transformer_block:get_num_layers_to_build",
-            make_replacement=num_layers_factory,
+            make_replacement=_v_num_layers_factory,
             versions=SUPPORTED_MEGATRON_CORE,
             reason="V placement: layers of each (rank, chunk), account_for_* on rank 0's two chunks",
         ),
         Patch(
             name=V_LAST_STAGE,
             target="megatron.core.parallel_state:is_pipeline_last_stage",
-            make_replacement=last_stage_factory,
+            make_replacement=_v_last_stage_factory,
             versions=SUPPORTED_MEGATRON_CORE,
             reason="V placement: the loss chunk is chunk 1 of pipeline rank 0",
         ),
         Patch(
             name=V_PP_LAST_STAGE,
             target="megatron.core.pipeline_parallel.utils:is_pp_last_stage",
-            make_replacement=pp_last_stage_factory,
+            make_replacement=_v_pp_last_stage_factory,
             versions=SUPPORTED_MEGATRON_CORE,
             reason="V placement: pipeline rank 0 holds the last stage (output layer, loss, fp32 upcast)",
             extra_sites=_PP_LAST_STAGE_SITES,
@@ -371,10 +403,21 @@ def v_placement_patches() -> list[Patch]:
         Patch(
             name=V_PP_LAST_RANK,
             target="megatron.core.pipeline_parallel.utils:get_pp_last_rank",
-            make_replacement=pp_last_rank_factory,
+            make_replacement=_v_pp_last_rank_factory,
             versions=SUPPORTED_MEGATRON_CORE,
             reason="V placement: the token count for per-token loss lives on pipeline rank 0",
             extra_sites=_PP_LAST_RANK_SITES,
+        ),
+        Patch(
+            name=V_TIED_EMBEDDINGS,
+            target=(
+                "megatron.core.models.common.language_module.language_module:"
+                "LanguageModule.setup_embeddings_and_output_layer"
+            ),
+            make_replacement=_v_tied_embeddings_factory,
+            versions=SUPPORTED_MEGATRON_CORE,
+            reason="V placement: refuse tied embeddings at build instead of hanging in their all-reduce",
+            rebind_imported=False,
         ),
     ]
 

@@ -45,17 +45,17 @@ class WeightGradStore:
     def __init__(self) -> None:
         self._pending: dict[Hashable, list[Callable[[], None]]] = {}
         self._key: Hashable | None = None
-        self._unsplit: set[int] = set()
-        self._owed: dict[int, int] = {}  # id(weight) -> accumulation hooks to skip (B gave no gradient)
+        self._unsplit: set[tuple] = set()
+        self._owed: dict[tuple, int] = {}  # weight identity -> accumulation hooks to skip (B gave no gradient)
 
     def keep_unsplit(self, weight: torch.Tensor) -> None:
         """Compute this weight's gradient in B: used twice in one chunk (a tied embedding and
         output layer with no pipeline split), autograd sums both uses before accumulating,
         and splitting would change that summation order."""
-        self._unsplit.add(id(weight))
+        self._unsplit.add(_identity(weight))
 
     def is_unsplit(self, weight: torch.Tensor) -> bool:
-        return id(weight) in self._unsplit
+        return _identity(weight) in self._unsplit
 
     @property
     def capturing_key(self) -> Hashable | None:
@@ -84,17 +84,19 @@ class WeightGradStore:
     def owe_gradient(self, weight: torch.Tensor) -> None:
         """B returns no gradient for ``weight``: its accumulation node still runs, and its hooks
         must not take that for the weight's gradient."""
-        self._owed[id(weight)] = self._owed.get(id(weight), 0) + 1
+        key = _identity(weight)
+        self._owed[key] = self._owed.get(key, 0) + 1
 
     def owes_gradient(self, param: torch.Tensor) -> bool:
         """True (once per :meth:`owe_gradient`) if this hook call is B's empty one for ``param``."""
-        n = self._owed.get(id(param), 0)
+        key = _identity(param)
+        n = self._owed.get(key, 0)
         if n == 0 or param.grad is not None:
             return False
         if n == 1:
-            del self._owed[id(param)]
+            del self._owed[key]
         else:
-            self._owed[id(param)] = n - 1
+            self._owed[key] = n - 1
         return True
 
     def run(self, key: Hashable) -> int:
@@ -118,6 +120,12 @@ class WeightGradStore:
             raise WeightGradStoreError(
                 f"weight-gradient work left at the end of the step for {sorted(map(str, self._pending))}"
             )
+
+
+def _identity(weight: torch.Tensor) -> tuple:
+    """Which parameter a tensor is, by its memory: a backward's saved weight can come back as
+    another tensor object over the parameter's storage (saved-tensor hooks unpack an alias)."""
+    return (weight.untyped_storage().data_ptr(), weight.storage_offset(), tuple(weight.shape), weight.dtype)
 
 
 def _accumulate_like_autograd(weight: torch.Tensor, grad_weight: torch.Tensor) -> None:
@@ -202,6 +210,7 @@ def make_split_backward(original: Callable[..., Any], store: WeightGradStore) ->
 
         store.defer(weight_grad)
         store.owe_gradient(weight)
+
         if handle is not None:
             handle.wait()
         none_tail = (None,) * 6
