@@ -309,10 +309,10 @@ def run_program(
         for index, step in enumerate(program):
             if step.kind in (Kind.OFFLOAD, Kind.RELOAD):
                 handlers[step.kind](step)
+                mailbox.post(index)  # the plan may post a receive after any action
                 continue
-            if not step.is_compute:
-                continue  # communication is derived from the compute actions
-            if forward_only and step.kind is not Kind.F:
+            if not step.is_compute or (forward_only and step.kind is not Kind.F):
+                mailbox.post(index)  # communication is derived from the compute actions
                 continue
             if sync is not None:
                 sync.before(index, step)
