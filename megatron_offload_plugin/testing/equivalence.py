@@ -28,6 +28,16 @@ class RunCapture:
     grads: list[dict[str, torch.Tensor | None]] = field(default_factory=list)
     params_after: dict[str, torch.Tensor] = field(default_factory=dict)
     peak_activation_bytes: int = 0
+    params_before: dict[str, torch.Tensor] = field(default_factory=dict)
+    coords: dict[str, int] = field(default_factory=dict)  # tp/pp/dp rank of the run (groups are gone after it)
+    # What the optimizer steps (fp32 masters with bf16 or the distributed optimizer): a bf16
+    # copy can stay put (1.0 + 3e-4 rounds to 1.0) while its master moves.
+    masters_changed: int = 0
+    num_masters: int = 0
+
+    def params_changed(self) -> int:
+        """How many parameters the run changed (a configuration that trains changes them)."""
+        return sum(not torch.equal(self.params_before[n], p) for n, p in self.params_after.items())
 
 
 def build_gpt_trainer(
@@ -44,6 +54,7 @@ def build_gpt_trainer(
     bundle = build_model(recipe, vocab)
     if layout_independent:
         set_layout_independent_weights(bundle.chunks, recipe.seed)
+        bundle.optimizer.reload_model_params()  # fp32 masters (bf16, distributed optimizer) follow
     return bundle, Trainer(recipe, bundle, data, activation_memory=activation_memory)
 
 
@@ -67,14 +78,22 @@ def capture_training(
         plugin_api.apply(plugin_config)
     try:
         bundle, trainer = build_gpt_trainer(recipe)
-        capture = RunCapture()
+        capture = RunCapture(params_before={n: p.detach().clone() for n, p in bundle.named_parameters()},
+                             coords=_parallel_coords())
+        masters_before = [p.detach().clone() for p in optimizer_parameters(bundle.optimizer)]
+        bundle.begin_training()
         for it in range(iterations):
             result = trainer.train_step(it, inspect=lambda b: capture.grads.append(b.main_grads()))
+            bundle.after_step(not result.skipped)
             capture.losses.append(result.loss)
             capture.peak_activation_bytes = max(capture.peak_activation_bytes, result.peak_activation_bytes)
             if on_step is not None:
                 on_step(result)
+        bundle.end_training()  # with --overlap-param-gather: gather the last step's shards
         capture.params_after = {n: p.detach().clone() for n, p in bundle.named_parameters()}
+        masters_after = optimizer_parameters(bundle.optimizer)
+        capture.num_masters = len(masters_after)
+        capture.masters_changed = sum(not torch.equal(a, b) for a, b in zip(masters_before, masters_after))
         return capture
     finally:
         if plugin_config is not None:
@@ -82,6 +101,13 @@ def capture_training(
         from megatron.core import parallel_state
 
         parallel_state.destroy_model_parallel()
+
+
+def optimizer_parameters(optimizer: Any) -> list[torch.Tensor]:
+    """The tensors Megatron's optimizer steps: fp32 masters (or shards of them) with bf16 or the
+    distributed optimizer, the model parameters themselves otherwise."""
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [p for opt in inner for group in opt.optimizer.param_groups for p in group["params"]]
 
 
 def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -138,7 +164,108 @@ def default_config_equivalence_worker(
     report = compare_captures(candidate, reference)
     report["rank"] = rank
     report["reference_losses"] = reference.losses
+    report["params_changed"] = candidate.params_changed()
+    report["num_params"] = len(candidate.params_after)
+    report["masters_changed"] = candidate.masters_changed
+    report["num_masters"] = candidate.num_masters
+    report["param_digest"] = parameter_digest(candidate.params_after)
+    report["coords"] = candidate.coords
     return report
+
+
+def parameter_digest(params: Mapping[str, torch.Tensor]) -> str:
+    """A hash of every parameter's bytes: equal digests on two ranks mean bitwise-equal replicas."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(params):
+        h.update(name.encode())
+        h.update(params[name].detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _parallel_coords() -> dict[str, int]:
+    """This rank's (tp, pp, dp) ranks: replicas of one model shard share tp and pp."""
+    from megatron.core import parallel_state
+
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_rank(),
+        "pp": parallel_state.get_pipeline_model_parallel_rank(),
+        "dp": parallel_state.get_data_parallel_rank(),
+    }
+
+
+def _hook_names(hook: Any) -> Any:
+    """``config.*_func`` as names: None, 'DistributedDataParallel.start_grad_sync', or a list of them."""
+    if hook is None:
+        return None
+    if isinstance(hook, list):
+        return [_hook_names(h) for h in hook]
+    owner = getattr(hook, "__self__", None)
+    name = getattr(hook, "__name__", repr(hook))
+    return f"{type(owner).__name__}.{name}" if owner is not None else name
+
+
+def describe_build_worker(rank: int, world_size: int, recipes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What build_model built for each recipe on this rank: wrappers, dtypes, DDP and optimizer
+    settings and the config hooks, as plain data (run_distributed target; no training)."""
+    from megatron.core import parallel_state
+
+    out = []
+    for recipe_kwargs in recipes:
+        recipe = GPTRecipe(**recipe_kwargs)
+        recipe.validate(world_size)
+        bundle, _ = build_gpt_trainer(recipe, activation_memory="off")
+        config, chunks = bundle.config, bundle.chunks
+        optimizers = getattr(bundle.optimizer, "chained_optimizers", [bundle.optimizer])
+        masters = [p.dtype for p in optimizer_parameters(bundle.optimizer)]
+        out.append({
+            "wrappers": [[type(chunk).__name__, type(chunk.module).__name__] for chunk in chunks],
+            "param_dtypes": sorted({str(p.dtype) for p in bundle.parameters()}),
+            "grad_buffer_dtypes": sorted({str(b.grad_dtype) for c in chunks for b in c.buffers}),
+            "master_dtypes": sorted({str(d) for d in masters}),
+            "optimizers": [type(opt).__name__ for opt in optimizers],
+            "inner_optimizers": [type(opt.optimizer).__name__ for opt in optimizers],
+            "ddp": {k: getattr(chunks[0].ddp_config, k) for k in (
+                "grad_reduce_in_fp32", "overlap_grad_reduce", "overlap_param_gather", "align_param_gather",
+                "use_distributed_optimizer", "bucket_size")},
+            "buckets_per_chunk": [len(c.bucket_groups) for c in chunks],
+            "forward_pre_hooks": [len(c.remove_forward_pre_hook_handles) for c in chunks],
+            "config": {k: getattr(config, k) for k in ("bf16", "sequence_parallel", "attention_softmax_in_fp32")}
+                      | {k: str(getattr(config, k)) for k in ("params_dtype", "pipeline_dtype")},
+            "hooks": {k: _hook_names(getattr(config, k)) for k in (
+                "no_sync_func", "grad_sync_func", "param_sync_func", "finalize_model_grads_func", "grad_scale_func")},
+            "sequence_parallel_params": sorted(
+                n for n, p in bundle.named_parameters() if getattr(p, "sequence_parallel", False)),
+            "coords": _parallel_coords(),
+        })
+        parallel_state.destroy_model_parallel()
+    return out
+
+
+def recipe_variants_worker(
+    rank: int, world_size: int, reference_kwargs: dict[str, Any], variant_kwargs: dict[str, Any], iterations: int
+) -> dict[str, Any]:
+    """Plain Megatron-core with two recipes meant to compute the same training (e.g. with and
+    without --overlap-grad-reduce); losses and final parameters compared, exactly and relatively.
+
+    Gradients are not compared: with the distributed optimizer each rank's ``main_grad`` is
+    reduced only in its own shard (run_distributed target)."""
+    captures = []
+    for kwargs in (reference_kwargs, variant_kwargs):
+        recipe = GPTRecipe(**kwargs)
+        recipe.validate(world_size)
+        captures.append(capture_training(recipe, iterations, plugin_config=None))
+    reference, variant = captures
+    if variant.params_after.keys() != reference.params_after.keys():
+        raise ValueError("the two recipes build different parameter sets; compare like with like")
+    max_rel = max((_rel_diff(variant.params_after[n], p.to(variant.params_after[n].dtype))
+                   for n, p in reference.params_after.items()), default=0.0)
+    return {
+        "rank": rank, "losses": variant.losses, "reference_losses": reference.losses,
+        "params_bitwise_equal": all(torch.equal(variant.params_after[n], p) for n, p in reference.params_after.items()),
+        "max_param_rel_diff": max_rel, "params_changed": variant.params_changed(),
+    }
 
 
 def global_parameter_name(chunk: Any, local_name: str) -> str:
@@ -201,6 +328,7 @@ def runtime_equivalence_worker(
         SCHEDULE_DISPATCH,
         SUPPORTED_MEGATRON_CORE,
         make_schedule_dispatcher,
+        ddp_split_hook_patch,
         wgrad_split_patch,
     )
     from ..runtime.forward_backward import make_forward_backward_func
@@ -229,7 +357,7 @@ def runtime_equivalence_worker(
         extra_sites=("megatron.core.pipeline_parallel:get_forward_backward_func",),
     )
     patches = PatchSet(log=False)
-    patches.apply([wgrad_split_patch(store), dispatch])
+    patches.apply([wgrad_split_patch(store), ddp_split_hook_patch(store), dispatch])
     try:
         candidate = capture_training(recipe, iterations, plugin_config=None)
     finally:

@@ -170,11 +170,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"> megatron-offload-plugin: backend {backend}, {world_size} ranks, "
             f"{trainer.num_microbatches} microbatches per iteration, {plugin_api.describe()}"
         )
+        bundle.begin_training()
         for iteration in range(recipe.train_iters):
             result = trainer.train_step(iteration)
+            bundle.after_step(not result.skipped)
             if (iteration + 1) % recipe.log_interval == 0 or iteration + 1 == recipe.train_iters:
                 # The last rank holds the loss; its line also carries every stage's peak.
                 print_rank_last(format_iteration(recipe, result, trainer.last_stage_peaks))
+        bundle.end_training()
         summary = trainer.summary.as_dict()
         summary["plugin"] = plugin_api.describe()
         summary["backend"] = backend

@@ -9,8 +9,11 @@ over unchanged.
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass, fields
 from typing import Literal, Optional
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,8 +37,18 @@ class GPTRecipe:
     clip_grad: float = 1.0
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
+    bf16: bool = False
+    accumulate_allreduce_grads_in_fp32: bool = False
+    grad_reduce_in_bf16: bool = False
+    attention_softmax_in_fp32: bool = False
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    overlap_grad_reduce: bool = False
+    use_distributed_optimizer: bool = False
+    overlap_param_gather: bool = False
+    ddp_bucket_size: Optional[int] = None
     num_layers_per_virtual_pipeline_stage: Optional[int] = None
     overlap_p2p_communication: bool = True
     recompute_granularity: Optional[Literal["full", "selective"]] = None
@@ -70,19 +83,51 @@ class GPTRecipe:
     def num_chunks(self) -> int:
         return self.virtual_pipeline_size or 1
 
+    @property
+    def sequence_parallel_enabled(self) -> bool:
+        """Megatron-LM turns --sequence-parallel off at TP=1 (same numerics as without it)."""
+        return self.sequence_parallel and self.tensor_model_parallel_size > 1
+
+    @property
+    def grad_reduce_in_fp32(self) -> bool:
+        """Megatron-LM's ``accumulate_allreduce_grads_in_fp32``: forced on with --bf16 unless
+        --grad-reduce-in-bf16, because bf16 main grads lose the small updates of accumulation."""
+        if self.bf16:
+            return not self.grad_reduce_in_bf16
+        return self.accumulate_allreduce_grads_in_fp32
+
+    @property
+    def align_param_gather(self) -> bool:
+        """Megatron-LM's default: aligned param all-gathers only with interleaving (it forces
+        ``align_param_gather`` off for the non-interleaved schedule)."""
+        return self.virtual_pipeline_size is not None
+
     def data_parallel_size(self, world_size: int) -> int:
-        return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+        model_size = self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+        return world_size // model_size
 
     def num_microbatches(self, world_size: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size(world_size))
 
     def validate(self, world_size: int) -> None:
         """Reject what Megatron-LM rejects, with the option, the value and the fix."""
-        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
-        if world_size % (tp * pp) != 0:
+        tp, pp, cp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.context_parallel_size
+        if cp < 1:
+            raise ValueError(f"--context-parallel-size={cp}: must be >= 1")
+        if cp > 1:
+            # megatron.core.transformer.dot_product_attention.DotProductAttention asserts
+            # context_parallel_size == 1: only TEDotProductAttention splits attention over CP.
+            raise ValueError(
+                f"--context-parallel-size={cp}: this driver builds Megatron's local layer spec "
+                "(--transformer-impl local), whose DotProductAttention supports only "
+                "--context-parallel-size=1; context parallelism needs Transformer Engine's "
+                "TEDotProductAttention. Use --context-parallel-size 1"
+            )
+        if world_size % (tp * pp * cp) != 0:
             raise ValueError(
                 f"world size {world_size} is not divisible by --tensor-model-parallel-size={tp} x "
-                f"--pipeline-model-parallel-size={pp}; launch a multiple of {tp * pp} processes"
+                f"--pipeline-model-parallel-size={pp} x --context-parallel-size={cp}; launch a "
+                f"multiple of {tp * pp * cp} processes"
             )
         if self.num_layers % pp != 0:
             raise ValueError(
@@ -132,6 +177,28 @@ class GPTRecipe:
                 f"--seq-length={self.seq_length} exceeds --max-position-embeddings="
                 f"{self.max_positions}"
             )
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ValueError(
+                "--overlap-param-gather needs --use-distributed-optimizer (only the distributed "
+                "optimizer all-gathers parameters); add it or drop --overlap-param-gather"
+            )
+        if self.overlap_param_gather and not self.overlap_grad_reduce:
+            raise ValueError(
+                "--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM); add it "
+                "or drop --overlap-param-gather"
+            )
+        if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
+            raise ValueError(f"--ddp-bucket-size={self.ddp_bucket_size}: must be a positive number of parameters")
+        if self.sequence_parallel_enabled and self.seq_length % tp != 0:
+            raise ValueError(
+                f"--seq-length={self.seq_length} is not divisible by --tensor-model-parallel-size={tp}, "
+                "which --sequence-parallel splits the sequence over"
+            )
+        if self.sequence_parallel and tp == 1:
+            logger.warning(
+                "--sequence-parallel is ignored at --tensor-model-parallel-size=1 (Megatron-LM "
+                "disables it there too; the numerics are those without it)"
+            )
 
 
 def add_megatron_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,9 +233,21 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed, help="Random seed.")
     g.add_argument("--log-interval", type=int, default=d.log_interval, help="Iterations between log lines.")
 
+    g = parser.add_argument_group("mixed precision (Megatron-LM flags)")
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters and activations (Megatron's Float16Module) with fp32 master weights in the optimizer.")
+    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true", help="Gradient accumulation and all-reduce in fp32 (always on with --bf16 unless --grad-reduce-in-bf16).")
+    g.add_argument("--grad-reduce-in-bf16", action="store_true", help="With --bf16: accumulate and reduce gradients in bf16 instead of fp32.")
+    g.add_argument("--attention-softmax-in-fp32", action="store_true", help="Run attention masking and softmax in fp32 (with --bf16).")
+
     g = parser.add_argument_group("parallelism and recompute (Megatron-LM flags)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="Tensor-parallel size.")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="Pipeline-parallel size.")
+    g.add_argument("--context-parallel-size", type=int, default=d.context_parallel_size, help="Context-parallel size (only 1 with the local layer spec this driver builds).")
+    g.add_argument("--sequence-parallel", action="store_true", help="Split layer norms, dropout and the residual stream over the sequence across tensor-parallel ranks (ignored at TP=1, as in Megatron-LM).")
+    g.add_argument("--overlap-grad-reduce", action="store_true", help="Overlap DDP gradient reduction with the backward pass.")
+    g.add_argument("--use-distributed-optimizer", action="store_true", help="Shard optimizer state and fp32 master weights over data-parallel ranks.")
+    g.add_argument("--overlap-param-gather", action="store_true", help="Overlap the distributed optimizer's parameter all-gather with the next forward pass (needs --use-distributed-optimizer and --overlap-grad-reduce).")
+    g.add_argument("--ddp-bucket-size", type=int, default=None, help="Parameters per DDP gradient bucket with --overlap-grad-reduce (default as Megatron-LM: max(40M, 1M x data-parallel size)).")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None, help="Layers per model chunk (interleaved schedule).")
     g.add_argument("--no-overlap-p2p-communication", dest="overlap_p2p_communication", action="store_false", help="Do not overlap pipeline p2p with compute (interleaved schedule).")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None, help="Activation recomputation granularity.")
