@@ -11,7 +11,12 @@ from __future__ import annotations
 import pytest
 
 from megatron_offload_plugin.testing.distributed import run_distributed
-from megatron_offload_plugin.testing.equivalence import runtime_equivalence_worker
+from megatron_offload_plugin.testing.equivalence import runtime_equivalence_worker as _worker
+from megatron_offload_plugin.testing.gpu_emulation import emulated
+
+# Every run here, Megatron's reference included, is under the GPU emulation: NCCL-like strict
+# p2p and backward on a worker thread (testing/gpu_emulation.py).
+runtime_equivalence_worker = emulated(_worker)
 
 pytestmark = pytest.mark.multiprocess
 
