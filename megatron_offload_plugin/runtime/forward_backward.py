@@ -63,6 +63,18 @@ def _check_no_transformer_engine_linears(name: str, chunks: Sequence[Any]) -> No
                 )
 
 
+def _create_pipeline_communicator() -> None:
+    """NCCL creates a group's communicator at its first operation, and a ``batch_isend_irecv``
+    that is the group's first operation must be joined by every rank of it (torch's rule);
+    the runtime's first batches involve some ranks only, so a barrier creates it first."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_pipeline_model_parallel_group()
+    if dist.get_backend(group) == "nccl":
+        dist.barrier(group=group)
+
+
 def _microbatch_group_size(name: str, config: Any, pp: int, chunks: int) -> int | None:
     """Megatron's ``microbatch_group_size_per_vp_stage`` for the interleaved order (None: the
     default, the pipeline size); other multi-chunk schedules have no such knob."""
@@ -157,6 +169,7 @@ def make_forward_backward_func(
 
                 _check_no_transformer_engine_linears(name, chunks)
                 check_ddp_hooks_split_aware(chunks, name)
+            _create_pipeline_communicator()
             checked.add(name)
         timers = getattr(config, "timers", None)
         if timers is not None:
