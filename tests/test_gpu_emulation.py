@@ -117,25 +117,11 @@ def test_megatron_own_schedules_pass_strict_p2p(parallel, microbatches, tiny_gpt
         assert report["bitwise_equal"], report["mismatched"]
 
 
-def test_v_schedules_and_offload_pass_strict_p2p_and_worker_thread_backward(tiny_gpt):
-    """The V placement's turn (a local message) and both directions between two ranks per
-    chunk; and full activation offload with its W inputs, under the GPU emulation."""
-    from megatron_offload_plugin.testing.equivalence import (
-        layout_gradients_worker, offload_equivalence_worker, schedule_gradients_worker,
-    )
+def test_full_offload_with_w_inputs_passes_strict_p2p_and_worker_thread_backward(tiny_gpt):
+    """Offload and reload actions between the compute actions (the plan posts after them too),
+    W inputs offloaded inside B on the worker thread: bitwise against no offload."""
+    from megatron_offload_plugin.testing.equivalence import offload_equivalence_worker
 
-    base = dict(tiny_gpt, hidden_dropout=0.0, attention_dropout=0.0, micro_batch_size=1, global_batch_size=4,
-                untie_embeddings_and_output_weights=True, pipeline_model_parallel_size=2)
-    reference = run_distributed(emulated(layout_gradients_worker), 2, base, timeout_s=300)
-    ref_grads = {k: v for r in reference for k, v in r["grads"].items()}
-    for schedule in ("zb-v", "v-min"):
-        got = run_distributed(emulated(schedule_gradients_worker), 2, dict(base, num_layers_per_virtual_pipeline_stage=1),
-                              schedule, timeout_s=300)
-        got_grads = {k: v for r in got for k, v in r["grads"].items()}
-        assert got_grads.keys() == ref_grads.keys()
-        for name, ref in ref_grads.items():
-            rel = ((got_grads[name] - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-            assert rel <= 1e-6, f"{schedule}: {name} differs by {rel:.2e} (relative)"
     sections = [{"mode": "full", "min_tensor_bytes": 1024}]
     reports = run_distributed(emulated(offload_equivalence_worker), 2, dict(tiny_gpt, global_batch_size=8,
                               pipeline_model_parallel_size=2), "zb-h1", sections, 2, timeout_s=300)

@@ -76,10 +76,10 @@ def test_v_schedules_compute_megatron_1f1b_gradients(tiny_gpt):
 
     base = dict(tiny_gpt, num_layers=8, hidden_dropout=0.0, attention_dropout=0.0, micro_batch_size=1,
                 global_batch_size=8, untie_embeddings_and_output_weights=True, pipeline_model_parallel_size=4)
-    reference = run_distributed(layout_gradients_worker, 4, base, timeout_s=300)
+    reference = run_distributed(emulated(layout_gradients_worker), 4, base, timeout_s=300)
     ref_grads = {k: v for r in reference for k, v in r["grads"].items()}
     for schedule in ("zb-v", "v-half", "v-min"):
-        got = run_distributed(schedule_gradients_worker, 4, dict(base, num_layers_per_virtual_pipeline_stage=1),
+        got = run_distributed(emulated(schedule_gradients_worker), 4, dict(base, num_layers_per_virtual_pipeline_stage=1),
                               schedule, timeout_s=300)
         got_grads = {k: v for r in got for k, v in r["grads"].items()}
         assert got_grads.keys() == ref_grads.keys()
