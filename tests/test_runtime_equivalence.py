@@ -105,10 +105,10 @@ def test_auto_replans_from_measured_costs_and_keeps_megatrons_gradients(tiny_gpt
 
     base = dict(tiny_gpt, num_layers=8, hidden_dropout=0.0, attention_dropout=0.0, micro_batch_size=1,
                 global_batch_size=8, untie_embeddings_and_output_weights=True, pipeline_model_parallel_size=4)
-    reference = run_distributed(layout_gradients_worker, 4, base, timeout_s=300)
+    reference = run_distributed(emulated(layout_gradients_worker), 4, base, timeout_s=300)
     ref_grads = {k: v for r in reference for k, v in r["grads"].items()}
     for layers_per_chunk in (None, 1):
-        got = run_distributed(auto_replan_worker, 4, dict(base, num_layers_per_virtual_pipeline_stage=layers_per_chunk),
+        got = run_distributed(emulated(auto_replan_worker), 4, dict(base, num_layers_per_virtual_pipeline_stage=layers_per_chunk),
                               timeout_s=300)
         assert {r["version"] for r in got} == {1} and len({r["chosen"] for r in got}) == 1
         assert len({r["costs"] for r in got}) == 1 and all(c > 0 for c in got[0]["costs"])
