@@ -100,3 +100,49 @@ def test_full_offload_keeps_w_inputs_in_place_when_w_runs_right_after_its_b():
     assert _w_follows(program, 1)  # 0B0 then 0W0
     assert not _w_follows(program, 4)  # 0B1, then 0F2 before 0W1
     assert _w_follows(program, 7)  # 0B2, an offload action, then 0W2: nothing computes between
+
+
+def _megatron_hooks_worker(rank: int, world_size: int, recipe_kwargs: dict) -> list:
+    from megatron_offload_plugin import plugin as plugin_api
+    from megatron_offload_plugin.integrations.megatron.recipe import GPTRecipe
+    from megatron_offload_plugin.testing.equivalence import build_gpt_trainer
+
+    calls: list = []
+
+    class _Timer:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def start(self, barrier: bool = False) -> None:
+            calls.append(("start", self.name))
+
+        def stop(self, barrier: bool = False) -> None:
+            calls.append(("stop", self.name))
+
+    plugin_api.apply({"schedule": {"pipeline_schedule": "interleaved"}, "telemetry": {"log_patches": False}})
+    try:
+        bundle, trainer = build_gpt_trainer(GPTRecipe(**recipe_kwargs), activation_memory="off")
+        bundle.config.timers = lambda name, log_level=0: _Timer(name)
+        bundle.config.param_sync_func = [lambda params, c=c: calls.append(("param_sync", c)) for c in range(2)]
+        trainer.train_step(0)
+        return calls
+    finally:
+        plugin_api.revert()
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+
+
+def test_timers_and_param_sync_func_are_honoured_like_megatrons_interleaved(tiny_gpt):
+    """config.timers gets its 'forward-backward' span (forward/backward-compute come from
+    Megatron's own forward_step/backward_step); param_sync_func runs once for every chunk,
+    chunk 0 included, before that chunk's first forward."""
+    recipe = dict(tiny_gpt, micro_batch_size=1, global_batch_size=4, pipeline_model_parallel_size=2,
+                  num_layers_per_virtual_pipeline_stage=1)
+    for calls in run_distributed(_megatron_hooks_worker, 2, recipe, timeout_s=300):
+        spans = [c for c in calls if c[1] == "forward-backward"]
+        assert spans == [("start", "forward-backward"), ("stop", "forward-backward")]
+        assert calls.index(spans[0]) < calls.index(("start", "forward-compute")) < calls.index(spans[1])
+        syncs = [c[1] for c in calls if c[0] == "param_sync"]
+        assert sorted(syncs) == [0, 1]
+        assert calls.index(("param_sync", 0)) < calls.index(("start", "forward-compute"))
