@@ -357,10 +357,26 @@ def test_io_stats_count_bytes_per_direction_and_time_a_blocking_wait(swapper):
     assert swapper.io_stats().write == st.write
 
 
+class _Clock:
+    """The swapper's ``perf_counter`` in these tests: time moves only when a test says so,
+    so "the wait blocked" never depends on how loaded the machine is."""
+
+    def __init__(self) -> None:
+        self.now = 0.0  # and delays in powers of two below: sums stay exact
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 class _FileHandle:
-    """An aio_handle doing plain file I/O at submit; ``wait`` sleeps ``delay`` seconds (a busy or idle disk)."""
+    """An aio_handle doing plain file I/O at submit; ``wait`` takes ``delay`` seconds (a busy or
+    idle disk): on :attr:`clock` when a test installed one, else by sleeping."""
 
     delay = 0.0
+    clock: "_Clock | None" = None
 
     def __init__(self, *args):
         self.queued = 0
@@ -385,7 +401,10 @@ class _FileHandle:
 
     def wait(self):
         assert self.queued, "wait() with nothing pending"
-        time.sleep(self.delay)
+        if self.clock is not None:
+            self.clock.advance(self.delay)
+        else:
+            time.sleep(self.delay)
         done, self.queued = self.queued, 0
         return done
 
@@ -395,14 +414,17 @@ class _FileOp:
 
 
 def test_wait_that_returns_at_once_counts_bytes_but_is_not_timed(tmp_path, monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(nvme.time, "perf_counter", clock)  # the swapper's clock; no real waiting
+    monkeypatch.setattr(_FileHandle, "clock", clock)
     with SwapFolder(tmp_path) as folder, AioSwapper(folder, aio_op=_FileOp()) as sw:
         monkeypatch.setattr(_FileHandle, "delay", 0.0)
         sw.write("k", torch.ones(1000))
-        time.sleep(0.02)  # the caller computes; the transfer is long done when it waits
+        clock.advance(2.0 ** -5)  # the caller computes; the transfer is long done when it waits
         sw.wait()
         st = sw.io_stats().write
         assert (st.bytes, st.batches, st.timed_batches, st.timed_bytes, st.gbps) == (4096, 1, 0, 0, None)
-        monkeypatch.setattr(_FileHandle, "delay", 0.01)  # now the disk is still busy when we wait
+        monkeypatch.setattr(_FileHandle, "delay", 2.0 ** -6)  # now the disk is still busy when we wait
         out = torch.empty(1000)
         sw.read("k", out)
         sw.write("k2", torch.ones(10))
@@ -412,14 +434,14 @@ def test_wait_that_returns_at_once_counts_bytes_but_is_not_timed(tmp_path, monke
         assert (st.read.bytes, st.read.timed_bytes, st.read.timed_batches) == (4096, 4096, 1)
         assert (st.read.alone_timed_bytes, st.read.gbps_alone) == (0, None)  # a write was in flight with it
         assert st.write.alone_timed_bytes == 0  # the first write batch was alone but not timed
-        assert st.read.timed_seconds >= 0.01
+        assert st.read.timed_seconds == 2.0 ** -6
         assert (st.write.bytes, st.write.batches, st.write.timed_batches) == (4096 + 512, 2, 1)
         assert (st.both.bytes, st.both.batches, st.both.timed_bytes) == (4096 * 2 + 512, 2, 4096 + 512)
         # the read was submitted first, so waited first; the write's wait then blocked too (its handle slept)
-        assert st.both.timed_seconds >= st.read.timed_seconds + 0.01 - 1e-3
+        assert st.both.timed_seconds == st.read.timed_seconds + 2.0 ** -6
         sw._handles["read"].delay = 0.0  # a read long done, a write still running: the span held idle time
         sw.read("k", out)
-        time.sleep(0.02)
+        clock.advance(2.0 ** -5)
         sw.write("k3", torch.ones(10))
         sw.wait()
         d = sw.io_stats().since(st)
