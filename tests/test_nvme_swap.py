@@ -372,8 +372,8 @@ class _Clock:
 
 
 class _FileHandle:
-    """An aio_handle doing plain file I/O at submit; ``wait`` takes ``delay`` seconds (a busy or
-    idle disk): on :attr:`clock` when a test installed one, else by sleeping."""
+    """An aio_handle doing plain file I/O at submit; ``wait`` takes ``delay`` seconds of
+    :attr:`clock` (a busy or idle disk)."""
 
     delay = 0.0
     clock: "_Clock | None" = None
@@ -403,8 +403,6 @@ class _FileHandle:
         assert self.queued, "wait() with nothing pending"
         if self.clock is not None:
             self.clock.advance(self.delay)
-        else:
-            time.sleep(self.delay)
         done, self.queued = self.queued, 0
         return done
 
