@@ -54,12 +54,32 @@ def _cmd_version(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_build_ops(argv: list[str]) -> int:
+    """Build DeepSpeed's async I/O op for this environment now, so the first NVMe run does not."""
+    import logging
+
+    parser = argparse.ArgumentParser(prog="megatron_offload_plugin build-ops", allow_abbrev=False,
+                                     description=_cmd_build_ops.__doc__)
+    parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from .offload.nvme import AioUnavailableError, load_aio_op
+
+    try:
+        load_aio_op()
+    except AioUnavailableError as err:
+        print(f"build-ops: {err}", file=sys.stderr)
+        return 1
+    print("build-ops: DeepSpeed's async_io op is built for this environment", file=sys.stderr)
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "simulate": (_cmd_simulate, "simulate a pipeline schedule: makespan, bubbles, memory, timeline plot"),
     "bench": (_cmd_bench, "run real training side by side and print JSON figures (bench pipeline)"),
     "launch": (_cmd_launch, "run a Megatron-LM training script with the plugin applied"),
     "config": (_cmd_config, "validate plugin options and print the resulting configuration"),
     "version": (_cmd_version, "print the plugin and megatron-core versions"),
+    "build-ops": (_cmd_build_ops, "build DeepSpeed's async I/O op now (the first NVMe run would otherwise)"),
 }
 
 

@@ -57,4 +57,8 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ] \
     "${PIP[@]}" install -q -r "$ROOT/requirements/pinned.txt" -e "$ROOT[test]"
     echo "$WANT" > "$STAMP"
 fi
+# DeepSpeed's async I/O op is JIT-built on first NVMe use (minutes); build it now, once per environment.
+if ! "$VENV/bin/python" -m megatron_offload_plugin build-ops; then
+    log "warning: DeepSpeed's async I/O op could not be built; NVMe offload will be unavailable"
+fi
 log "environment ready: $("$VENV/bin/python" -c 'from importlib.metadata import version as v; print(", ".join(f"{p} {v(p)}" for p in ("torch", "megatron-core", "deepspeed")))')"

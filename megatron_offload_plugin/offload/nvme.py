@@ -5,7 +5,8 @@ Two small classes, each owning one resource:
 * :class:`SwapFolder` -- a fresh folder under a user-given base path, mode 0700,
   whose files are created 0600 with ``O_EXCL | O_NOFOLLOW`` (an existing file or a
   symlink is never opened) and which is removed at :meth:`SwapFolder.close` and,
-  failing that, at interpreter exit.
+  failing that, at interpreter exit or when SIGTERM/SIGINT kill the process; the
+  next run reaps what SIGKILL left (:mod:`.cleanup`).
 * :class:`AioSwapper` -- two ``aio_handle`` s (``deepspeed.ops.aio``), one for reads and
   one for writes (as DeepSpeed's own optimizer swapper does), moving CPU tensors by
   key: :meth:`~AioSwapper.write` / :meth:`~AioSwapper.read` queue the transfer,
@@ -33,10 +34,10 @@ import errno
 import logging
 import os
 import re
+import secrets
 import shutil
 import stat
 import sys
-import tempfile
 import time
 import weakref
 from dataclasses import dataclass, fields
@@ -44,6 +45,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from . import cleanup
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +120,15 @@ def _extensions_dir() -> str | None:
     return os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions", f"megatron-offload-plugin-{tag}")
 
 
+def _prebuilt(name: str) -> bool:
+    """Whether DeepSpeed was installed with op ``name`` built (``DS_BUILD_AIO=1``): nothing to JIT."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(installed_ops.get(name))
+
+
 def load_aio_op() -> Any:
     """DeepSpeed's built aio op module (JIT-built with libaio the first time, then cached per environment)."""
     ok, why = aio_available()
@@ -124,11 +136,17 @@ def load_aio_op() -> Any:
         raise AioUnavailableError(why)
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
+    from .op_build import guarded_build
+
     folder = _extensions_dir()
     if folder is not None:
         os.environ["TORCH_EXTENSIONS_DIR"] = folder
     try:
-        return AsyncIOBuilder().load(verbose=False)
+        builder = AsyncIOBuilder()
+        from torch.utils.cpp_extension import _get_build_directory  # where torch's JIT puts the op
+
+        root = os.path.dirname(_get_build_directory(builder.name, verbose=False))
+        return guarded_build(root, builder.name, lambda: builder.load(verbose=False), prebuilt=_prebuilt(builder.name))
     except Exception as err:
         raise AioUnavailableError(f"building DeepSpeed's async I/O op failed ({err}); {_NO_AIO_HINT}") from err
     finally:
@@ -190,22 +208,51 @@ def check_nvme_tier(base: str | os.PathLike[str], option: str) -> Path:
     return path
 
 
-def _remove_tree(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)  # rmtree never follows symlinks into other trees
+def _remove_folder(path: str, lock_fd: int) -> None:
+    """Close-time and exit-time removal (also the ``weakref.finalize`` callback: must not hold the folder)."""
+    cleanup.unregister(Path(path))
+    try:
+        shutil.rmtree(path, ignore_errors=True)  # rmtree never follows symlinks into other trees
+    finally:
+        os.close(lock_fd)
+
+
+def _make_folder(root: Path) -> Path:
+    """A new ``mop-swap-<pid>-<8 hex>`` folder (0700) under ``root``: the one name shape reaping accepts."""
+    for _ in range(100):
+        path = root / f"{cleanup.PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(errno.EEXIST, "no free swap folder name after 100 tries", str(root))
 
 
 class SwapFolder:
-    """A private per-run folder under ``base``: 0700, files 0600, gone at close and at exit."""
+    """A private per-run folder under ``base``: 0700, files 0600, gone at close, at exit and on SIGTERM.
+
+    Opening one first reaps the folders that dead runs left in ``base``; see :mod:`.cleanup`
+    for which signals remove it and why the folder holds a lock while open.
+    """
 
     def __init__(self, base: str | os.PathLike[str], *, option: str = "nvme_path") -> None:
         root = check_base_path(base, option)
+        cleanup.reap_dead_runs(root)
         try:
-            self.path = Path(tempfile.mkdtemp(prefix=f"mop-swap-{os.getpid()}-", dir=root))  # mode 0700
+            self.path = _make_folder(root)
+            try:
+                os.chmod(self.path, 0o700, follow_symlinks=False)  # mkdir's mode went through the umask
+                lock_fd = cleanup.hold_lock(self.path)
+            except BaseException:
+                shutil.rmtree(self.path, ignore_errors=True)
+                raise
         except OSError as err:
             raise ValueError(f"{option}='{base}': cannot create a swap folder there ({err.strerror})") from err
-        os.chmod(self.path, 0o700, follow_symlinks=False)
         self._files: dict[str, Path] = {}
-        self._finalizer = weakref.finalize(self, _remove_tree, str(self.path))  # also runs at interpreter exit
+        cleanup.register(self.path)
+        # also runs at interpreter exit
+        self._finalizer = weakref.finalize(self, _remove_folder, str(self.path), lock_fd)
         logger.debug("swap folder %s", self.path)
 
     def file(self, key: str) -> Path:
