@@ -512,3 +512,56 @@ def test_shipped_configs_validate():
     root = Path(__file__).resolve().parents[1] / "configs"
     assert load_config_file(root / "plugin_default.yaml").is_default()
     assert config_from_deepspeed(root / "deepspeed_with_plugin_section.json").is_default()
+
+
+# ---------------------------------------------------------------- strict types (issue 11, item 5)
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"schedule": {"auto_replan_after": "2"}},
+     "schedule.auto_replan_after='2': not accepted; input should be a valid integer"),
+    ({"schedule": {"auto_replan_after": True}},
+     "schedule.auto_replan_after=True: not accepted; input should be a valid integer"),
+    ({"activation_offload": {"min_tensor_bytes": 1.5}},
+     "activation_offload.min_tensor_bytes=1.5: not accepted; input should be a valid integer"),
+    ({"schedule": {"auto_memory_limit": "4"}},
+     "schedule.auto_memory_limit='4': not accepted; input should be a valid number"),
+    ({"telemetry": {"log_patches": "yes"}}, "telemetry.log_patches='yes': not accepted; accepted: true or false"),
+    ({"telemetry": {"log_patches": 1}}, "telemetry.log_patches=1: not accepted; accepted: true or false"),
+    ({"activation_offload": {"checkpoint_offload": "false"}},
+     "activation_offload.checkpoint_offload='false': not accepted; accepted: true or false"),
+])
+def test_values_of_the_wrong_type_are_refused_not_coerced(data, message):
+    assert message in _error(data)
+
+
+def test_an_int_is_accepted_for_a_float_option():
+    cfg = config_from_mapping({"schedule": {"auto_memory_limit": 4}}, source="run.json")
+    assert cfg.schedule.auto_memory_limit == 4.0 and isinstance(cfg.schedule.auto_memory_limit, float)
+
+
+def test_yaml_and_json_files_are_read_strictly(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text('{"schedule": {"auto_replan_after": "2"}}')
+    with pytest.raises(ValueError, match=r"schedule.auto_replan_after='2': not accepted"):
+        load_config_file(path)
+    path = tmp_path / "run.yaml"
+    path.write_text("schedule:\n  auto_replan_after: '2'\n")
+    with pytest.raises(ValueError, match=r"schedule.auto_replan_after='2': not accepted"):
+        load_config_file(path)
+
+
+def test_flags_still_give_typed_values_under_strict_models():
+    cfg = _parse(["--auto-replan-after", "3", "--pipeline-memory-limit", "2", "--activation-offload", "selective",
+                  "--offload-fraction", "0.25", "--offload-min-tensor-bytes", "0", "--no-offload-plugin-log-patches"])
+    assert cfg.schedule.auto_replan_after == 3 and cfg.schedule.auto_memory_limit == 2.0
+    assert cfg.activation_offload.fraction == 0.25 and cfg.activation_offload.min_tensor_bytes == 0
+    assert cfg.telemetry.log_patches is False
+
+
+def test_a_whole_section_check_does_not_leak_pydantics_value_error_prefix():
+    message = _error({"activation_offload": {"mode": "selective", "fraction": 0.5, "chunks": "0"}})
+    assert message == (
+        "offload-plugin config (run.yaml): activation_offload: activation_offload.fraction=0.5 and "
+        "activation_offload.chunks='0': set one of --offload-fraction or --offload-chunks, not both"
+    )

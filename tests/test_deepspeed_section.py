@@ -165,3 +165,103 @@ def test_section_is_read_from_a_config_file_and_from_args(tmp_path, how):
     kwargs = {"config": str(path)} if how == "config_path" else {"args": argparse.Namespace(deepspeed_config=str(path))}
     engine, *_ = mds.initialize(model=TinyGPT(SHAPE), **kwargs)
     assert isinstance(mds.layerwise_optimizer(engine), mds.LayerwiseOffloadOptimizer)
+
+
+# ---------------------------------------------------------------- input checks (issue 11: 5, 6, 8)
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"optimizer_states": {"prefetch_layers": "2"}},
+     "layerwise_offload.optimizer_states.prefetch_layers='2': Input should be a valid integer"),
+    ({"optimizer_states": {"prefetch_layers": True}},
+     "layerwise_offload.optimizer_states.prefetch_layers=True: Input should be a valid integer"),
+    ({"optimizer_states": {"overlap_with_backward": "yes"}},
+     "layerwise_offload.optimizer_states.overlap_with_backward='yes': Input should be a valid boolean"),
+    ({"activations": {"min_tensor_bytes": 1.0}},
+     "layerwise_offload.activations.min_tensor_bytes=1.0: Input should be a valid integer"),
+    ({"activations": {"prefetch_layers": "0"}},
+     "layerwise_offload.activations.prefetch_layers='0': Input should be a valid integer"),
+])
+def test_values_of_the_wrong_type_are_refused_not_coerced(data, message):
+    with pytest.raises(ValueError) as err:
+        parse_section(data)
+    assert message in str(err.value)
+
+
+def test_unknown_key_without_a_close_match_lists_the_accepted_keys_after_a_semicolon():
+    with pytest.raises(ValueError) as err:
+        parse_section({"optimizer_states": {"zzz": 1}})
+    assert str(err.value) == ("layerwise_offload.optimizer_states.zzz: unknown key; accepted: device, nvme_path, "
+                              "prefetch_layers, overlap_with_backward")
+
+
+def test_fp16_enabled_auto_is_refused_with_layerwise_optimizer_states():
+    section = parse_section({"optimizer_states": {"device": "cpu"}})
+    with pytest.raises(ValueError) as err:
+        check_conflicts(section, {"fp16": {"enabled": "auto"}})
+    assert str(err.value).startswith("fp16.enabled='auto': unresolved")
+    assert "set fp16.enabled to true or false" in str(err.value)
+
+
+def test_fp16_enabled_is_read_as_deepspeed_reads_it():
+    section = parse_section({"optimizer_states": {"device": "cpu"}})
+    with pytest.raises(ValueError, match="fp16.enabled=true is not supported yet"):
+        check_conflicts(section, {"fp16": {"enabled": "true"}})  # DeepSpeed's lax config turns this into True
+    check_conflicts(section, {"fp16": {"enabled": False}, "bf16": {"enabled": "auto"}})  # bf16: no check depends on it
+    check_conflicts(parse_section({}), {"fp16": {"enabled": "auto"}})  # section off: nothing depends on it
+
+
+def test_zero_stage_auto_is_refused_naming_the_key():
+    section = parse_section({"optimizer_states": {"device": "cpu"}})
+    with pytest.raises(ValueError) as err:
+        check_conflicts(section, {"zero_optimization": {"stage": "auto"}})
+    assert str(err.value).startswith("zero_optimization.stage='auto': unresolved")
+
+
+@pytest.mark.parametrize("aio,message", [
+    ({"block_size": 1000}, "layerwise_offload.aio.block_size=1000: not a multiple of 512"),
+    ({"block_size": 0}, "layerwise_offload.aio.block_size=0: expected a positive integer"),
+    ({"queue_depth": 0}, "layerwise_offload.aio.queue_depth=0: expected a positive integer"),
+    ({"queue_depth": -3}, "layerwise_offload.aio.queue_depth=-3: expected a positive integer"),
+    ({"queue_depth": 100000}, "layerwise_offload.aio.queue_depth=100000: "),
+])
+def test_aio_values_the_kernel_or_odirect_refuse_fail_at_config_time(aio, message, monkeypatch, tmp_path):
+    max_nr = tmp_path / "aio-max-nr"
+    max_nr.write_text("65536\n")
+    monkeypatch.setattr(section_config, "AIO_MAX_NR_PATH", max_nr)
+    with pytest.raises(ValueError) as err:
+        parse_section({"optimizer_states": {"device": "nvme", "nvme_path": str(tmp_path)}, "aio": aio})
+    assert message in str(err.value)
+    if "queue_depth" in aio and aio["queue_depth"] > 0:
+        assert "fs.aio-max-nr=65536" in str(err.value) and str(max_nr) in str(err.value)
+
+
+def test_aio_queue_depth_bound_counts_every_handle_and_thread(monkeypatch, tmp_path):
+    max_nr = tmp_path / "aio-max-nr"
+    max_nr.write_text("1024\n")
+    monkeypatch.setattr(section_config, "AIO_MAX_NR_PATH", max_nr)
+    nvme = {"device": "nvme", "nvme_path": str(tmp_path)}
+    # one tier: 2 handles (read, write) x 2 threads x 256 events = 1024, exactly the limit
+    parse_section({"optimizer_states": nvme, "aio": {"queue_depth": 256, "intra_op_parallelism": 2}})
+    # both tiers on NVMe: two swappers, 2048 events
+    with pytest.raises(ValueError) as err:
+        parse_section({"optimizer_states": nvme, "activations": nvme,
+                       "aio": {"queue_depth": 256, "intra_op_parallelism": 2}})
+    assert "2048 events" in str(err.value) and "queue_depth at most 128" in str(err.value)
+
+
+def test_aio_queue_depth_is_not_bounded_where_the_kernel_limit_is_unknown(monkeypatch, tmp_path):
+    monkeypatch.setattr(section_config, "AIO_MAX_NR_PATH", tmp_path / "absent")
+    parse_section({"optimizer_states": {"device": "nvme", "nvme_path": str(tmp_path)}, "aio": {"queue_depth": 100000}})
+
+
+def test_deepspeeds_own_aio_section_is_checked_when_it_is_the_one_used(tmp_path):
+    section = parse_section({"optimizer_states": {"device": "nvme", "nvme_path": str(tmp_path)}})
+    with pytest.raises(ValueError) as err:
+        check_conflicts(section, {"aio": {"block_size": 1000}})
+    assert str(err.value).startswith("aio.block_size=1000: not a multiple of 512")
+    assert "DeepSpeed's top-level 'aio' section" in str(err.value)
+    # a section of its own takes precedence: DeepSpeed's is then not used, nor checked
+    own = parse_section({"optimizer_states": {"device": "nvme", "nvme_path": str(tmp_path)}, "aio": {}})
+    check_conflicts(own, {"aio": {"block_size": 1000}})
+    check_conflicts(parse_section({"optimizer_states": {"device": "cpu"}}), {"aio": {"block_size": 1000}})

@@ -61,9 +61,8 @@ def _argument_kwargs(opt: OptionSpec) -> dict[str, Any]:
         kwargs.update(type=opt.type, choices=list(opt.choices))
     else:
         kwargs["metavar"] = opt.field.upper()
-        if opt.type in (str, int, float):
-            kwargs["type"] = opt.type
-    return kwargs  # other types arrive as strings; pydantic converts and checks them
+        kwargs["type"] = opt.type
+    return kwargs  # typed here: the models are strict and never convert a string themselves
 
 
 def _help(opt: OptionSpec) -> str:

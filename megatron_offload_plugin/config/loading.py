@@ -109,7 +109,7 @@ def _describe(err: ValidationError, key_names: Mapping[str, str]) -> str:
         opt = options.get(dotted)
         value = item.get("input")
         if opt is None:  # a whole-model check: no single option to blame
-            lines.append(f"{name or 'config'}: {item['msg']}")
+            lines.append(f"{name or 'config'}: {item['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{name}={value!r}: {_not_accepted(opt, value, item['msg'])}")
     return "\n".join(lines)

@@ -27,9 +27,16 @@ _FLAG_RE = re.compile(r"--[a-z0-9]+(?:-[a-z0-9]+)*")
 
 
 class _FrozenModel(BaseModel):
-    """Base of every config model: unknown keys are errors, values never change after validation."""
+    """Base of every config model: unknown keys are errors, values are never coerced, nor changed later.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    ``strict``: a value of the wrong type is refused, not converted (pydantic's lax
+    mode reads ``"2"`` and ``true`` as the integers 2 and 1, and ``"yes"`` as True).
+    An integer is still a valid float (``1`` for ``1.0``, as JSON writes it).  The
+    command line stays typed: argparse converts each flag's string with the option's
+    type (``flags._argument_kwargs``) before a model sees it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ScheduleConfig(_FrozenModel):

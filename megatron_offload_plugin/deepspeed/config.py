@@ -19,16 +19,22 @@ without reading them, so nothing else looks at this section.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from ..config.loading import closest
+from ..config.loading import _suggest_and_list
 from ..config.model import _FrozenModel
-from ..offload.nvme import AIO_KEYS, aio_handle_kwargs
+from ..offload.nvme import AIO_KEYS, ALIGNMENT, aio_handle_kwargs
 
 SECTION = "layerwise_offload"
+
+#: The kernel's bound on aio events (``io_setup``), read each time an ``aio`` section is validated.
+AIO_MAX_NR_PATH = Path("/proc/sys/fs/aio-max-nr")
+#: ``aio_handle`` s one NVMe tier opens: :class:`..offload.nvme.AioSwapper` has one per direction.
+HANDLES_PER_TIER = 2
 
 
 class _Tier(_FrozenModel):
@@ -135,12 +141,16 @@ class LayerwiseOffloadConfig(_FrozenModel):
                      f"({', '.join(AIO_KEYS)}); DeepSpeed's section is used when this is absent."),
     )
 
-    @field_validator("aio")
-    @classmethod
-    def _aio_keys(cls, value: Any) -> Any:
-        if value is not None:
-            aio_handle_kwargs(value)  # raises ValueError naming the key
-        return value
+    @model_validator(mode="after")
+    def _aio_values(self) -> "LayerwiseOffloadConfig":
+        if self.aio is not None:
+            check_aio(self.aio, key=f"{SECTION}.aio", tiers=self.nvme_tiers)
+        return self
+
+    @property
+    def nvme_tiers(self) -> int:
+        """How many sub-sections swap to NVMe: each opens its own aio swapper with these settings."""
+        return sum(sub.device == "nvme" for sub in (self.optimizer_states, self.activations))
 
     @property
     def enabled(self) -> bool:
@@ -174,10 +184,60 @@ def _check_keys(data: Mapping[str, Any]) -> None:
                     raise ValueError(_unknown(f"aio.{sub}", str(sub), list(AIO_KEYS)))
 
 
-def _unknown(dotted: str, key: str, accepted: list[str]) -> str:
-    hint = closest(key, accepted)
-    return (f"{SECTION}.{dotted}: unknown key" + (f"; did you mean '{hint}'?" if hint else "")
-            + f" accepted: {', '.join(accepted)}")
+def _unknown(dotted: str, key: str, accepted: list[str], section: str = SECTION) -> str:
+    return f"{section}.{dotted}: unknown key" + _suggest_and_list(key, accepted, ", ".join(accepted))
+
+
+def _aio_max_nr() -> int | None:
+    """``fs.aio-max-nr``, or None where the file is absent or unreadable (not Linux, a sandbox)."""
+    try:
+        return int(AIO_MAX_NR_PATH.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def check_aio(aio: Mapping[str, Any], *, key: str, tiers: int, note: str = "") -> dict[str, Any]:
+    """``aio_handle`` settings the disk and the kernel will take; else ``ValueError`` naming ``key.<field>``.
+
+    * ``block_size``: aio splits each transfer into blocks of this size, each at an
+      offset that is a multiple of it, and the files are opened with O_DIRECT, which
+      refuses offsets and sizes off a 512-byte boundary; the failure would only come
+      at the first transfer, as an I/O error that seems to blame the disk.
+    * ``queue_depth``: DeepSpeed's ``aio_handle`` starts ``intra_op_parallelism``
+      threads, each calling ``io_setup(queue_depth)`` on a context of its own, and an
+      NVMe tier opens :data:`HANDLES_PER_TIER` handles (read, write), so this process
+      asks the kernel for ``tiers * 2 * intra_op_parallelism * queue_depth`` events.
+      Above ``fs.aio-max-nr`` (a system-wide sum) ``io_setup`` fails and DeepSpeed
+      aborts the process on a C++ assertion.  The bound is per process and so only
+      necessary: ranks on one node and other programs draw on the same limit
+      (``/proc/sys/fs/aio-nr`` is what is in use now).
+    """
+    root = key.rpartition(".")[0]
+    root = root + "." if root else ""
+    try:
+        kwargs = aio_handle_kwargs(aio)
+    except ValueError as err:  # its messages start with "aio"
+        raise ValueError(f"{root}{err}{note}") from None
+    block = kwargs["block_size"]
+    if block % ALIGNMENT:
+        raise ValueError(
+            f"{key}.block_size={block}: not a multiple of {ALIGNMENT} (aio transfers blocks of this size through "
+            f"O_DIRECT, which needs {ALIGNMENT}-byte alignment); accepted: a positive multiple of {ALIGNMENT}, e.g. "
+            f"{-(-block // ALIGNMENT) * ALIGNMENT} or the default 1048576{note}"
+        )
+    limit = _aio_max_nr()
+    threads, depth = kwargs["intra_op_parallelism"], kwargs["queue_depth"]
+    per_depth = max(1, tiers) * HANDLES_PER_TIER * threads
+    if limit is not None and per_depth * depth > limit:
+        most = limit // per_depth
+        fix = (f"set queue_depth at most {most}" if most >= 1 else "lower intra_op_parallelism")
+        raise ValueError(
+            f"{key}.queue_depth={depth}: {max(1, tiers)} NVMe tier(s) x {HANDLES_PER_TIER} aio handles (read, write) "
+            f"x {threads} thread(s) (intra_op_parallelism) x {depth} = {per_depth * depth} events, above the kernel's "
+            f"fs.aio-max-nr={limit} ({AIO_MAX_NR_PATH}), and DeepSpeed's aio_handle would abort the process; "
+            f"{fix}, or raise the limit (sysctl -w fs.aio-max-nr=N){note}"
+        )
+    return kwargs
 
 
 def parse_section(data: Any) -> LayerwiseOffloadConfig:
@@ -196,17 +256,63 @@ def parse_section(data: Any) -> LayerwiseOffloadConfig:
             loc = ".".join(str(p) for p in item["loc"])
             msg = item["msg"].removeprefix("Value error, ")
             value = item.get("input")
+            if not loc and msg.startswith(f"{SECTION}."):  # a whole-section check that names its own key
+                lines.append(msg)
+                continue
             where = f"{SECTION}.{loc}={value!r}: " if loc and not isinstance(value, Mapping) else f"{SECTION}: "
             lines.append(where + msg)
         raise ValueError("\n".join(lines)) from err
 
 
+def _as_deepspeed_reads(ds_config: Mapping[str, Any], key: str, read: Callable[[Mapping[str, Any]], Any],
+                        accepted: str, needed_by: str) -> Any:
+    """The value of ``key`` (``section.field``) that DeepSpeed itself will use; an unresolved ``"auto"`` is refused.
+
+    ``"auto"`` is for HF Trainer / Accelerate, which replace it before they call
+    ``deepspeed.initialize``.  One that reaches DeepSpeed 0.19 unresolved is dropped
+    without a word (``DeepSpeedConfigModel``) and the default used instead, so the
+    check that depends on it would judge a value the user never chose.
+    """
+    name, _, field = key.partition(".")
+    sub = ds_config.get(name)
+    raw = sub.get(field) if isinstance(sub, Mapping) else None
+    if isinstance(raw, str) and raw == "auto":
+        raise ValueError(
+            f"{key}='auto': unresolved at deepspeed.initialize, and {needed_by} depends on it (DeepSpeed drops an "
+            f"'auto' it is given and uses its default; HF Trainer / Accelerate replace 'auto' before calling "
+            f"deepspeed.initialize); set {key} to {accepted}"
+        )
+    try:
+        return read(ds_config)
+    except (ValueError, TypeError):  # DeepSpeed refuses this section itself, with its own message
+        return raw
+
+
+def _fp16_enabled(ds_config: Mapping[str, Any]) -> bool:
+    from deepspeed.runtime.precision_config import get_float16_config
+
+    return bool(get_float16_config(ds_config).enabled)
+
+
+def _zero_stage(ds_config: Mapping[str, Any]) -> int:
+    from deepspeed.runtime.zero.config import get_zero_config
+
+    return int(get_zero_config(ds_config).stage)
+
+
 def check_conflicts(section: LayerwiseOffloadConfig, ds_config: Mapping[str, Any]) -> None:
-    """Refuse combinations with the rest of the DeepSpeed config that cannot both hold."""
+    """Refuse combinations with the rest of the DeepSpeed config that cannot both hold.
+
+    The settings checked are read as DeepSpeed reads them (``"true"`` is true there);
+    an unresolved ``"auto"`` among them is refused, naming the key.
+    """
     zero = ds_config.get("zero_optimization") or {}
-    stage = int(zero.get("stage", 0)) if isinstance(zero, Mapping) else 0
     opt = section.optimizer_states
+    if section.aio is None and section.nvme_tiers and isinstance(ds_config.get("aio"), Mapping):
+        _check_deepspeed_aio(ds_config["aio"], section.nvme_tiers)
     if opt.device != "none":
+        needed_by = f"{SECTION}.optimizer_states"
+        stage = _as_deepspeed_reads(ds_config, "zero_optimization.stage", _zero_stage, "0, 1 or 2", needed_by)
         off = zero.get("offload_optimizer") if isinstance(zero, Mapping) else None
         if isinstance(off, Mapping) and off.get("device", "none") not in (None, "none"):
             raise ValueError(
@@ -222,8 +328,7 @@ def check_conflicts(section: LayerwiseOffloadConfig, ds_config: Mapping[str, Any
         if isinstance(zero, Mapping) and zero.get("elastic_checkpoint"):
             raise ValueError(f"{SECTION}.optimizer_states with zero_optimization.elastic_checkpoint=true is not "
                              "supported; set elastic_checkpoint to false")
-        fp16 = ds_config.get("fp16") or {}
-        if isinstance(fp16, Mapping) and fp16.get("enabled") is True:
+        if _as_deepspeed_reads(ds_config, "fp16.enabled", _fp16_enabled, "true or false", needed_by) is True:
             raise ValueError(f"{SECTION}.optimizer_states with fp16.enabled=true is not supported yet; "
                              "use bf16 or fp32 training")
         if opt.overlap_with_backward and stage != 0:
@@ -240,3 +345,12 @@ def check_conflicts(section: LayerwiseOffloadConfig, ds_config: Mapping[str, Any
                 f"{SECTION}.activations.device={act.device!r} and activation_checkpointing.cpu_checkpointing=true "
                 "both move activations; keep one"
             )
+
+
+def _check_deepspeed_aio(aio: Mapping[str, Any], tiers: int) -> None:
+    """DeepSpeed's top-level ``"aio"`` section, which the NVMe tiers use when the section has none."""
+    note = f" [DeepSpeed's top-level 'aio' section, which {SECTION} uses as it has no 'aio' of its own]"
+    for sub in aio:
+        if sub not in AIO_KEYS:
+            raise ValueError(_unknown(str(sub), str(sub), list(AIO_KEYS), section="aio") + note)
+    check_aio(aio, key="aio", tiers=tiers, note=note)
