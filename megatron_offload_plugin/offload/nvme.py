@@ -208,13 +208,14 @@ def check_nvme_tier(base: str | os.PathLike[str], option: str) -> Path:
     return path
 
 
-def _remove_folder(path: str, lock_fd: int) -> None:
+def _remove_folder(path: str, lock_fd: int | None) -> None:
     """Close-time and exit-time removal (also the ``weakref.finalize`` callback: must not hold the folder)."""
     cleanup.unregister(Path(path))
     try:
         shutil.rmtree(path, ignore_errors=True)  # rmtree never follows symlinks into other trees
     finally:
-        os.close(lock_fd)
+        if lock_fd is not None:
+            os.close(lock_fd)
 
 
 def _make_folder(root: Path) -> Path:
