@@ -101,32 +101,47 @@ def test_a_users_sigterm_handler_is_chained_and_the_run_keeps_its_folder(tmp_pat
     assert not path.exists()
 
 
+def _in_a_fresh_interpreter(code: str, tmp_path) -> str:
+    """Handler installation is process state: a folder another test left open in this pytest
+    process would already have installed them, so these run where nothing else is open."""
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 def test_handlers_are_installed_at_the_first_open_and_restored_at_the_last_close(tmp_path):
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    a, b = SwapFolder(tmp_path), SwapFolder(tmp_path)
-    try:
-        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
-        a.close()
-        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
-    finally:
-        a.close()
-        b.close()
-    assert {sig: signal.getsignal(sig) for sig in before} == before
+    out = _in_a_fresh_interpreter(
+        "import signal, sys\n"
+        "from megatron_offload_plugin.offload.nvme import SwapFolder\n"
+        "before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}\n"
+        "a, b = SwapFolder(sys.argv[1]), SwapFolder(sys.argv[1])\n"
+        "assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]\n"
+        "a.close()\n"
+        "assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]  # b still open\n"
+        "b.close()\n"
+        "assert {sig: signal.getsignal(sig) for sig in before} == before\n"
+        "print('ok')\n", tmp_path)
+    assert out.strip() == "ok"
 
 
-def test_a_folder_opened_off_the_main_thread_installs_nothing_and_says_so(tmp_path, caplog):
-    before = signal.getsignal(signal.SIGTERM)
-    opened: list[SwapFolder] = []
-    with caplog.at_level("DEBUG", logger="megatron_offload_plugin.offload.cleanup"):
-        worker = threading.Thread(target=lambda: opened.append(SwapFolder(tmp_path)))
-        worker.start()
-        worker.join(timeout=TIMEOUT_S)
-    try:
-        assert opened and signal.getsignal(signal.SIGTERM) is before
-        assert any("off the main thread" in r.getMessage() for r in caplog.records)
-    finally:
-        for folder in opened:
-            folder.close()
+def test_a_folder_opened_off_the_main_thread_installs_nothing_and_says_so(tmp_path):
+    out = _in_a_fresh_interpreter(
+        "import logging, signal, sys, threading\n"
+        "from megatron_offload_plugin.offload.nvme import SwapFolder\n"
+        "seen = []\n"
+        "class H(logging.Handler):\n"
+        "    def emit(self, record): seen.append(record.getMessage())\n"
+        "log = logging.getLogger('megatron_offload_plugin.offload.cleanup')\n"
+        "log.addHandler(H()); log.setLevel(logging.DEBUG)\n"
+        "before = signal.getsignal(signal.SIGTERM)\n"
+        "opened = []\n"
+        "t = threading.Thread(target=lambda: opened.append(SwapFolder(sys.argv[1]))); t.start(); t.join(60)\n"
+        "assert opened and signal.getsignal(signal.SIGTERM) is before\n"
+        "assert any('off the main thread' in m for m in seen), seen\n"
+        "opened[0].close()\n"
+        "print('ok')\n", tmp_path)
+    assert out.strip() == "ok"
 
 
 def test_without_flock_the_folder_still_opens_and_is_never_reaped(tmp_path, monkeypatch):
