@@ -72,21 +72,17 @@ def test_v_schedules_compute_megatron_1f1b_gradients(tiny_gpt):
     """V placement (rank r holds stages r and 2p-1-r; embedding and loss on rank 0) against
     Megatron's 1F1B at the same pipeline size, weights set by global parameter name so both
     layouts compute the same function; dropout off (the forward order differs)."""
-    from megatron_offload_plugin.testing.equivalence import layout_gradients_worker, schedule_gradients_worker
+    from megatron_offload_plugin.testing.equivalence import v_schedules_against_1f1b
 
     base = dict(tiny_gpt, num_layers=8, hidden_dropout=0.0, attention_dropout=0.0, micro_batch_size=1,
                 global_batch_size=8, untie_embeddings_and_output_weights=True, pipeline_model_parallel_size=4)
-    reference = run_distributed(emulated(layout_gradients_worker), 4, base, timeout_s=300)
-    ref_grads = {k: v for r in reference for k, v in r["grads"].items()}
-    for schedule in ("zb-v", "v-half", "v-min"):
-        got = run_distributed(emulated(schedule_gradients_worker), 4, dict(base, num_layers_per_virtual_pipeline_stage=1),
-                              schedule, timeout_s=300)
-        got_grads = {k: v for r in got for k, v in r["grads"].items()}
+    ref_grads, ref_loss, runs = v_schedules_against_1f1b(base, ("zb-v", "v-half", "v-min"), 4)
+    for schedule, (got_grads, loss) in runs.items():
         assert got_grads.keys() == ref_grads.keys()
         for name, ref in ref_grads.items():
             rel = ((got_grads[name] - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
             assert rel <= 1e-6, f"{schedule}: {name} differs by {rel:.2e} (relative)"
-        assert got[0]["loss"] == reference[-1]["loss"], schedule  # V computes the loss on rank 0
+        assert loss == ref_loss, schedule  # V computes the loss on rank 0
 
 
 @pytest.mark.parametrize("microbatches", [2, 4, 7], ids=["m=p", "m=2p", "m=3p+1"])

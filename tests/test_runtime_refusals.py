@@ -92,11 +92,11 @@ def test_microbatch_group_size_is_honoured_by_interleaved_and_refused_elsewhere(
 
     from megatron_offload_plugin.runtime.forward_backward import _microbatch_group_size
 
-    assert _microbatch_group_size("interleaved", SimpleNamespace(microbatch_group_size_per_vp_stage=4), 2, 2) == 4
-    assert _microbatch_group_size("interleaved", SimpleNamespace(microbatch_group_size_per_vp_stage=2), 2, 2) is None
-    assert _microbatch_group_size("zb-h1", SimpleNamespace(microbatch_group_size_per_vp_stage=4), 2, 1) is None
+    assert _microbatch_group_size(SimpleNamespace(microbatch_group_size_per_vp_stage=4), 2, 2) == 4
+    assert _microbatch_group_size(SimpleNamespace(microbatch_group_size_per_vp_stage=2), 2, 2) is None
+    assert _microbatch_group_size(SimpleNamespace(microbatch_group_size_per_vp_stage=4), 2, 1) is None
     with pytest.raises(NotImplementedError, match="--microbatch-group-size-per-virtual-pipeline-stage=4"):
-        _microbatch_group_size("zb-v", SimpleNamespace(microbatch_group_size_per_vp_stage=4), 2, 2)
+        schedule_programs("zb-v", 2, 2, 8, microbatch_group_size=4)
     placement, programs = schedule_programs("interleaved", 2, 2, 8, microbatch_group_size=4)
     first_chunk1 = next(i for i, a in enumerate(programs[0]) if a.chunk == 1)
     assert [a.microbatch for a in programs[0][:first_chunk1]] == [0, 1, 2, 3]  # a group of 4 through chunk 0

@@ -93,13 +93,14 @@ def test_cpu_timer_uses_the_host_clock():
 
 def test_full_offload_keeps_w_inputs_in_place_when_w_runs_right_after_its_b():
     """Moving W's inputs to the host and straight back buys nothing and costs two copies."""
-    from megatron_offload_plugin.runtime.executor import _w_follows
+    from megatron_offload_plugin.runtime.executor import _next_compute, _w_right_after_b
     from megatron_offload_plugin.schedules.ir import Action
 
     program = [Action.parse(a) for a in "0F0 0B0 0W0 0F1 0B1 0F2 0W1 0B2 0OFFLOAD2 0W2".split()]
-    assert _w_follows(program, 1)  # 0B0 then 0W0
-    assert not _w_follows(program, 4)  # 0B1, then 0F2 before 0W1
-    assert _w_follows(program, 7)  # 0B2, an offload action, then 0W2: nothing computes between
+    right_after = _w_right_after_b(program, _next_compute(program))
+    assert (0, 0) in right_after  # 0B0 then 0W0
+    assert (0, 1) not in right_after  # 0B1, then 0F2 before 0W1
+    assert (0, 2) in right_after  # 0B2, an offload action, then 0W2: nothing computes between
 
 
 def _megatron_hooks_worker(rank: int, world_size: int, recipe_kwargs: dict) -> list:

@@ -51,17 +51,13 @@ def test_plugin_schedule_matches_megatron_in_user_configuration(schedule, world,
 def test_v_schedules_in_bf16_give_megatron_1f1b_gradients_bitwise(tiny_gpt):
     """bf16 (Float16Module, bf16 p2p) with the V placement: on weights set by global name, the
     V schedules' gradients equal Megatron 1F1B's bit for bit; the loss is on rank 0."""
-    from megatron_offload_plugin.testing.equivalence import layout_gradients_worker, schedule_gradients_worker
+    from megatron_offload_plugin.testing.equivalence import v_schedules_against_1f1b
 
     base = dict(tiny_gpt, hidden_dropout=0.0, attention_dropout=0.0, micro_batch_size=1, global_batch_size=4,
                 untie_embeddings_and_output_weights=True, pipeline_model_parallel_size=2, bf16=True)
-    reference = run_distributed(emulated(layout_gradients_worker), 2, base, timeout_s=300)
-    ref_grads = {k: v for r in reference for k, v in r["grads"].items()}
-    for schedule in ("zb-v", "v-half", "v-min"):
-        got = run_distributed(emulated(schedule_gradients_worker), 2, dict(base, num_layers_per_virtual_pipeline_stage=1),
-                              schedule, timeout_s=300)
-        got_grads = {k: v for r in got for k, v in r["grads"].items()}
+    ref_grads, ref_loss, runs = v_schedules_against_1f1b(base, ("zb-v", "v-half", "v-min"), 2)
+    for schedule, (got_grads, loss) in runs.items():
         assert got_grads.keys() == ref_grads.keys()
         different = [name for name, ref in ref_grads.items() if not bool((got_grads[name] == ref).all())]
         assert not different, f"{schedule}: {different[:5]}"
-        assert got[0]["loss"] == reference[-1]["loss"], schedule
+        assert loss == ref_loss, schedule

@@ -18,7 +18,6 @@ gradient, no unread message).
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,13 +90,19 @@ def _refuse_unsupported(config: Any) -> None:
         )
 
 
-def _w_follows(program: Sequence[Step], index: int) -> bool:
-    """True if the W of the B at ``index`` is the next compute action (nothing to offload between)."""
-    b = program[index]
-    for step in program[index + 1:]:
-        if step.is_compute:
-            return step.kind is Kind.W and (step.chunk, step.microbatch) == (b.chunk, b.microbatch)
-    return False
+def _next_compute(program: Sequence[Step]) -> list[Step | None]:
+    """The next compute action after each index (None after the last)."""
+    following: list[Step | None] = [None] * len(program)
+    for i in range(len(program) - 2, -1, -1):
+        after = program[i + 1]
+        following[i] = after if after.is_compute else following[i + 1]
+    return following
+
+
+def _w_right_after_b(program: Sequence[Step], following: Sequence[Step | None]) -> set[tuple[int, int]]:
+    """Units whose W is the next compute action after their B (nothing to offload between)."""
+    return {(s.chunk, s.microbatch) for i, s in enumerate(program)
+            if s.kind is Kind.B and following[i] == Action(s.chunk, Kind.W, s.microbatch)}
 
 
 def run_program(
@@ -162,10 +167,11 @@ def run_program(
     activations: dict[tuple[int, int], tuple[Any, Any]] = {}
     next_microbatch = [0] * len(chunks)
     offloaded_units = {(s.chunk, s.microbatch) for s in program if s.kind is Kind.OFFLOAD}
+    following_compute = _next_compute(program)
     # What W keeps between B and W moves to the host for the offloaded units, and with 'full'
     # for every unit whose W does not run right after its B (nothing to gain there).
-    w_offload_units = {(program[i].chunk, program[i].microbatch) for i in range(len(program))
-                       if program[i].kind is Kind.B and not _w_follows(program, i)} if (
+    w_offload_units = ({(s.chunk, s.microbatch) for s in program if s.kind is Kind.B}
+                       - _w_right_after_b(program, following_compute)) if (
         offload is not None and offload.config.mode == "full") else offloaded_units
     engine = None
     if offload is not None and not forward_only and (offloaded_units or w_offload_units or offload.regions is not None):
@@ -273,11 +279,6 @@ def run_program(
         if unit in w_offloaded:
             w_offloaded.discard(unit)
             engine.release(("W", *unit))
-
-    following_compute: list[Step | None] = [None] * len(program)  # the next compute action after each index
-    for i in range(len(program) - 2, -1, -1):
-        after = program[i + 1]
-        following_compute[i] = after if after.is_compute else following_compute[i + 1]
 
     def prefetch_weight_inputs(index: int) -> None:
         """Reload a W's kept tensors one compute action ahead of it."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from ..schedules.ir import Action, Kind, Placement
 from .executor import Step, StepTrace, run_program
@@ -22,8 +22,18 @@ from .wgrad import WeightGradStore
 
 logger = logging.getLogger(__name__)
 
-# (pp, chunks per rank, microbatches, forward_only) -> (placement, {rank: [Step, ...]})
-ProgramSource = Callable[[int, int, int], tuple[Placement, dict[int, list[Step]]]]
+# (pp, chunks per rank, microbatches, **options) -> (placement, {rank: [Step, ...]})
+ProgramSource = Callable[..., tuple[Placement, dict[int, list[Step]]]]
+
+
+class TraceSink(Protocol):
+    """Receives each step's measured actions when it wants them (see ``trace.TraceRecorder``)."""
+
+    def wanted(self) -> bool: ...
+
+    def skip(self) -> None: ...
+
+    def __call__(self, trace: StepTrace) -> None: ...
 
 
 def forward_only_program(placement: Placement, rank: int, num_microbatches: int) -> list[Step]:
@@ -75,18 +85,13 @@ def _create_pipeline_communicator() -> None:
         dist.barrier(group=group)
 
 
-def _microbatch_group_size(name: str, config: Any, pp: int, chunks: int) -> int | None:
-    """Megatron's ``microbatch_group_size_per_vp_stage`` for the interleaved order (None: the
-    default, the pipeline size); other multi-chunk schedules have no such knob."""
+def _microbatch_group_size(config: Any, pp: int, chunks: int) -> int | None:
+    """Megatron's ``microbatch_group_size_per_vp_stage`` when it is not the default (the pipeline
+    size); the program source honours it (interleaved) or refuses it."""
     group = getattr(config, "microbatch_group_size_per_vp_stage", None)
     if chunks < 2 or group is None or group == pp:
         return None
-    if name == "interleaved" or name.startswith("test-"):
-        return int(group)
-    raise NotImplementedError(
-        f"--microbatch-group-size-per-virtual-pipeline-stage={group} with --pipeline-schedule {name}: only "
-        f"the interleaved order groups microbatches; leave it at the pipeline size ({pp})"
-    )
+    return int(group)
 
 
 def make_forward_backward_func(
@@ -94,7 +99,7 @@ def make_forward_backward_func(
     source: ProgramSource,
     store: WeightGradStore,
     *,
-    trace_sink: Callable[[StepTrace], None] | None = None,
+    trace_sink: TraceSink | None = None,
     splits_weight_gradients: bool = False,
     offload: Any = None,
 ) -> Callable[..., list[Any]]:
@@ -102,24 +107,14 @@ def make_forward_backward_func(
     checked: set[str] = set()
 
     @functools.lru_cache(maxsize=16)
-    def programs_for(pp: int, chunks: int, microbatches: int, group: int | None = None
-                     ) -> tuple[Placement, dict[int, list[Step]]]:
-        if group is None:
-            return source(pp, chunks, microbatches)
-        return source(pp, chunks, microbatches, microbatch_group_size=group)
-
-    @functools.lru_cache(maxsize=16)
     def plans_for(pp: int, chunks: int, microbatches: int, group: int | None, forward_only: bool
                   ) -> tuple[Placement, dict[int, list[Step]], dict[int, RankPlan]]:
         """The programs and their p2p plan (checked deadlock-free under NCCL), once per shape."""
-        placement, programs = programs_for(pp, chunks, microbatches, group)
+        options = {} if group is None else {"microbatch_group_size": group}
+        placement, programs = source(pp, chunks, microbatches, **options)
         if forward_only:
             programs = {r: forward_only_program(placement, r, microbatches) for r in range(pp)}
         return placement, programs, plan_p2p(programs, placement)
-
-    def clear_cache() -> None:
-        programs_for.cache_clear()
-        plans_for.cache_clear()
 
     def forward_backward(
         *,
@@ -159,7 +154,7 @@ def make_forward_backward_func(
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         rank = parallel_state.get_pipeline_model_parallel_rank()
         config = get_model_config(chunks[0])
-        group = _microbatch_group_size(name, config, pp, len(chunks))
+        group = _microbatch_group_size(config, pp, len(chunks))
         placement, programs, plans = plans_for(pp, len(chunks), num_microbatches, group, bool(forward_only))
         if name not in checked:
             if placement.shape == "v":
@@ -174,8 +169,7 @@ def make_forward_backward_func(
         timers = getattr(config, "timers", None)
         if timers is not None:
             timers("forward-backward", log_level=1).start(barrier=config.barrier_with_L1_time)
-        wanted = trace_sink is not None and getattr(trace_sink, "wanted", lambda: True)()
-        trace = StepTrace() if wanted else None
+        trace = StepTrace() if trace_sink is not None and trace_sink.wanted() else None
         result = run_program(
             program=programs[rank],
             plan=plans[rank],
@@ -199,11 +193,10 @@ def make_forward_backward_func(
             timers("forward-backward").stop()
         if trace is not None:
             trace_sink(trace)
-        elif trace_sink is not None and hasattr(trace_sink, "skip"):
+        elif trace_sink is not None:
             trace_sink.skip()
         return result
 
     forward_backward.__name__ = f"forward_backward_{name.replace('-', '_')}"
-    forward_backward.programs_for = programs_for  # type: ignore[attr-defined]
-    forward_backward.clear_cache = clear_cache  # type: ignore[attr-defined]  # auto re-plans by clearing it
+    forward_backward.clear_cache = plans_for.cache_clear  # type: ignore[attr-defined]  # auto re-plans by clearing it
     return forward_backward

@@ -100,7 +100,8 @@ class GradSync:
             return
         self._launched.add(step.chunk)
         if isinstance(self.grad_sync_func, list):
-            self._switch(step.chunk).on() if self.per_chunk else None
+            if self.per_chunk:  # a single no_sync covers every chunk: it opens after the last one
+                self._switch(step.chunk).on()
             self.grad_sync_func[step.chunk](self.chunks[step.chunk].parameters())
         elif self._launched >= set(self.last_index):
             for switch in self.switches:

@@ -55,9 +55,6 @@ class RankPlan:
     posts: dict[int, tuple[P2POp, ...]] = field(default_factory=dict)
     needs: dict[int, tuple[int, Key]] = field(default_factory=dict)
 
-    def groups(self) -> list[tuple[P2POp, ...]]:
-        return [self.posts[i] for i in sorted(self.posts)]
-
 
 def step_messages(step: Action, rank: int, placement: Placement) -> tuple[tuple[int, Key] | None, tuple[int, Key] | None]:
     """(what ``step`` receives, what it sends) as (peer rank, key); None where nothing, or local."""
@@ -210,7 +207,6 @@ def simulate(plans: Mapping[int, RankPlan], lengths: Mapping[int, int]) -> Deadl
     active: dict[int, None] = {}  # unfinished groups, in posting order
     started: set[int] = set()
     done_ops: set[tuple[int, int]] = set()
-    finished: set[int] = set()
     posted_count: dict[tuple[int, int, str], int] = {}
     started_count: dict[tuple[int, int, str], int] = {}
     op_number: dict[tuple[int, int], int] = {}
@@ -277,7 +273,6 @@ def simulate(plans: Mapping[int, RankPlan], lengths: Mapping[int, int]) -> Deadl
                     done_ops.add((gid, j))
                     moved = True
             if all((gid, j) in done_ops for j in range(len(ops))):
-                finished.add(gid)
                 del active[gid]
                 for peer in {op.peer for op in ops}:
                     streams[(rank, peer)].pop(0)
@@ -289,24 +284,23 @@ def simulate(plans: Mapping[int, RankPlan], lengths: Mapping[int, int]) -> Deadl
         for rank in plans:
             moved |= host_step(rank)
         moved |= progress()
-        if len(finished) == len(groups) and all(pc[r] + 1 >= lengths[r] for r in plans):
+        if not active and all(pc[r] + 1 >= lengths[r] for r in plans):
             return None
         if not moved:
-            return _deadlock(plans, groups, started, finished, done_ops, streams, op_number, recv_of, pc)
+            return _deadlock(plans, groups, active, started, done_ops, streams, recv_of, pc)
 
 
-def _deadlock(plans, groups, started, finished, done_ops, streams, op_number, recv_of, pc) -> Deadlock:
+def _deadlock(plans, groups, active, started, done_ops, streams, recv_of, pc) -> Deadlock:
     ranks: dict[int, str] = {}
     for rank in plans:
         pending = [f"[{', '.join(map(str, ops))}]" + ("" if gid in started else " (not started)")
-                   for gid, (r, _, ops) in groups.items() if r == rank and gid not in finished]
+                   for gid, (r, _, ops) in groups.items() if r == rank and gid in active]
         waiting = plans[rank].needs.get(pc[rank] + 1)
         ranks[rank] = (f"rank {rank} at action {pc[rank] + 1}"
                        + (f" waiting for {waiting[1]} from rank {waiting[0]}" if waiting else " (done)")
                        + f"; pending: {', '.join(pending) or 'none'}")
     repairs: list[tuple[int, int, Key, int]] = []
-    incoming_keys = {}
-    for gid in sorted(started - finished):
+    for gid in sorted(started & active.keys()):
         rank, _, ops = groups[gid]
         for j, op in enumerate(ops):
             if op.kind != "send" or (gid, j) in done_ops:
@@ -319,5 +313,4 @@ def _deadlock(plans, groups, started, finished, done_ops, streams, op_number, re
             head = streams.get((peer, rank), [])
             if head and head[0] != where[0]:  # behind another group on that pair: join the head group
                 repairs.append((peer, rank, key, groups[head[0]][1]))
-    del incoming_keys
     return Deadlock(ranks, repairs)

@@ -130,12 +130,24 @@ def _runnable(schedule: Any, offload: Any = None) -> tuple[Any, dict[int, list[S
     return schedule.placement, {r: [a for a in schedule.ranks[r] if a.kind in keep] for r in range(schedule.pp)}
 
 
+def _refuse_microbatch_groups(name: str, group: int | None, pp: int) -> None:
+    """Only Megatron's interleaved order groups microbatches per virtual stage."""
+    if group is not None:
+        raise NotImplementedError(
+            f"--microbatch-group-size-per-virtual-pipeline-stage={group} with --pipeline-schedule {name}: only "
+            f"the interleaved order groups microbatches; leave it at the pipeline size ({pp})"
+        )
+
+
 def schedule_programs(
     name: str, pp: int, chunks: int, microbatches: int, offload: Any = None, *,
     microbatch_group_size: int | None = None,
 ) -> tuple[Any, dict[int, list[Step]]]:
     """(placement, {rank: actions}) from the registry, validated; offload actions placed by ``offload``'s policy."""
     from ..schedules.generators import generate
+
+    if name != "interleaved":
+        _refuse_microbatch_groups(name, microbatch_group_size, pp)
 
     vpp = chunks if chunks > 1 else None
     if name in V_SCHEDULES:
@@ -197,10 +209,12 @@ def build_runtime(config: PluginConfig, offload: Any = None) -> PluginRuntime | 
     recorder = TraceRecorder(config.schedule.pipeline_trace_dir)
     planner = AutoPlanner(config.schedule.auto_memory_limit, config.schedule.auto_replan_after) if name == "auto" else None
 
-    def source(pp: int, chunks: int, microbatches: int, **options: Any) -> tuple[Any, dict[int, list[Step]]]:
+    def source(pp: int, chunks: int, microbatches: int, *, microbatch_group_size: int | None = None
+               ) -> tuple[Any, dict[int, list[Step]]]:
         if planner is not None:
+            _refuse_microbatch_groups(name, microbatch_group_size, pp)
             return planner.programs(pp, chunks, microbatches, offload)
-        return schedule_programs(name, pp, chunks, microbatches, offload, **options)
+        return schedule_programs(name, pp, chunks, microbatches, offload, microbatch_group_size=microbatch_group_size)
 
     sink: Any = recorder
     func_box: list[Any] = []

@@ -46,7 +46,7 @@ class WeightGradStore:
         self._pending: dict[Hashable, list[Callable[[], None]]] = {}
         self._key: Hashable | None = None
         self._unsplit: set[tuple] = set()
-        self._owed: dict[tuple, int] = {}  # weight identity -> accumulation hooks to skip (B gave no gradient)
+        self._owed: set[tuple] = set()  # weights whose accumulation hook B ran without a gradient
 
     def keep_unsplit(self, weight: torch.Tensor) -> None:
         """Compute this weight's gradient in B: used twice in one chunk (a tied embedding and
@@ -84,19 +84,15 @@ class WeightGradStore:
     def owe_gradient(self, weight: torch.Tensor) -> None:
         """B returns no gradient for ``weight``: its accumulation node still runs, and its hooks
         must not take that for the weight's gradient."""
-        key = _identity(weight)
-        self._owed[key] = self._owed.get(key, 0) + 1
+        self._owed.add(_identity(weight))
 
     def owes_gradient(self, param: torch.Tensor) -> bool:
-        """True (once per :meth:`owe_gradient`) if this hook call is B's empty one for ``param``."""
+        """True (once per B) if this hook call is B's empty one for ``param``: autograd runs a
+        weight's accumulation node once per backward, however many uses gave it no gradient."""
         key = _identity(param)
-        n = self._owed.get(key, 0)
-        if n == 0 or param.grad is not None:
+        if key not in self._owed or param.grad is not None:
             return False
-        if n == 1:
-            del self._owed[key]
-        else:
-            self._owed[key] = n - 1
+        self._owed.discard(key)
         return True
 
     def run(self, key: Hashable) -> int:

@@ -11,7 +11,7 @@ approximate method can state its tolerance with the same tool.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -380,6 +380,29 @@ def schedule_gradients_worker(
         return layout_gradients_worker(rank, world_size, recipe_kwargs)
     finally:
         plugin_api.revert()
+
+
+def v_schedules_against_1f1b(recipe_kwargs: dict[str, Any], schedules: Sequence[str], world_size: int
+                             ) -> tuple[dict[str, torch.Tensor], Any, dict[str, tuple[dict[str, torch.Tensor], Any]]]:
+    """Megatron's 1F1B on ``recipe_kwargs`` and each V ``schedule`` on the same recipe with two
+    chunks per rank, weights set by global name, all under the GPU emulation.
+
+    Returns (1F1B's gradients by global name, its loss (last rank), {schedule: (gradients,
+    loss on rank 0, where V computes it)})."""
+    from .distributed import run_distributed
+    from .gpu_emulation import emulated
+
+    def merged(reports: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {k: v for r in reports for k, v in r["grads"].items()}
+
+    reference = run_distributed(emulated(layout_gradients_worker), world_size, recipe_kwargs, timeout_s=300)
+    per_chunk = recipe_kwargs["num_layers"] // (2 * recipe_kwargs["pipeline_model_parallel_size"])
+    runs = {}
+    for schedule in schedules:
+        got = run_distributed(emulated(schedule_gradients_worker), world_size,
+                              dict(recipe_kwargs, num_layers_per_virtual_pipeline_stage=per_chunk), schedule, timeout_s=300)
+        runs[schedule] = (merged(got), got[0]["loss"])
+    return merged(reference), reference[-1]["loss"], runs
 
 
 def auto_replan_worker(rank: int, world_size: int, recipe_kwargs: dict[str, Any]) -> dict[str, Any]:
