@@ -102,6 +102,8 @@ def test_unwritable_base_path_error_names_it(tmp_path, monkeypatch):
 def test_aio_section_unknown_key_names_closest():
     with pytest.raises(ValueError, match="aio.queue_dept: unknown key; did you mean 'queue_depth'"):
         aio_handle_kwargs({"queue_dept": 4})
+    with pytest.raises(ValueError, match=r"aio\.zzz: unknown key; accepted: block_size, "):
+        aio_handle_kwargs({"zzz": 4})  # no close match: the list follows after a semicolon
 
 
 def test_aio_section_thread_count_is_intra_op_parallelism():

@@ -36,7 +36,7 @@ def closest(name: str, accepted: list[str], cutoff: float = 0.6) -> str | None:
     return match[0] if match else None
 
 
-def _suggest_and_list(name: str, accepted: list[str], listed: str) -> str:
+def suggest_and_list(name: str, accepted: list[str], listed: str) -> str:
     """``; did you mean 'x'? accepted: ...`` (or ``; accepted: ...`` when nothing is close)."""
     hint = closest(name, accepted)
     return (f"; did you mean '{hint}'?" if hint else ";") + f" accepted: {listed}"
@@ -91,7 +91,7 @@ def _check_keys(data: Mapping[str, Any], source: str) -> dict[str, Any]:
 def _unknown_key(source: str, dotted: str, key: str, accepted: list[str]) -> ValueError:
     return ValueError(
         f"{_PREFIX} ({source}): unknown key '{dotted}'"
-        + _suggest_and_list(key, accepted, ", ".join(sorted(accepted)))
+        + suggest_and_list(key, accepted, ", ".join(sorted(accepted)))
     )
 
 
@@ -121,7 +121,7 @@ def _not_accepted(opt: OptionSpec, value: Any, pydantic_msg: str) -> str:
         listed = ", ".join(repr(c) for c in opt.choices)
         if not isinstance(value, str):
             return f"not accepted; accepted: {listed}"
-        return "not accepted" + _suggest_and_list(value, [str(c) for c in opt.choices], listed)
+        return "not accepted" + suggest_and_list(value, [str(c) for c in opt.choices], listed)
     if opt.is_bool:
         return "not accepted; accepted: true or false"
     return f"not accepted; {pydantic_msg[:1].lower()}{pydantic_msg[1:]}"

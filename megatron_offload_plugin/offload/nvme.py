@@ -120,15 +120,6 @@ def _extensions_dir() -> str | None:
     return os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions", f"megatron-offload-plugin-{tag}")
 
 
-def _prebuilt(name: str) -> bool:
-    """Whether DeepSpeed was installed with op ``name`` built (``DS_BUILD_AIO=1``): nothing to JIT."""
-    try:
-        from deepspeed.git_version_info import installed_ops
-    except ImportError:  # pragma: no cover
-        return False
-    return bool(installed_ops.get(name))
-
-
 def load_aio_op() -> Any:
     """DeepSpeed's built aio op module (JIT-built with libaio the first time, then cached per environment)."""
     ok, why = aio_available()
@@ -146,7 +137,7 @@ def load_aio_op() -> Any:
         from torch.utils.cpp_extension import _get_build_directory  # where torch's JIT puts the op
 
         root = os.path.dirname(_get_build_directory(builder.name, verbose=False))
-        return guarded_build(root, builder.name, lambda: builder.load(verbose=False), prebuilt=_prebuilt(builder.name))
+        return guarded_build(root, builder.name, lambda: builder.load(verbose=False))
     except Exception as err:
         raise AioUnavailableError(f"building DeepSpeed's async I/O op failed ({err}); {_NO_AIO_HINT}") from err
     finally:
@@ -159,11 +150,9 @@ def aio_handle_kwargs(aio_config: Mapping[str, Any] | None) -> dict[str, Any]:
     cfg = dict(aio_config or {})
     unknown = sorted(set(cfg) - set(AIO_KEYS))
     if unknown:
-        from ..config.loading import closest
+        from ..config.loading import suggest_and_list
 
-        hint = closest(unknown[0], list(AIO_KEYS))
-        raise ValueError(f"aio.{unknown[0]}: unknown key" + (f"; did you mean '{hint}'?" if hint else "")
-                         + f" accepted: {', '.join(AIO_KEYS)}")
+        raise ValueError(f"aio.{unknown[0]}: unknown key" + suggest_and_list(unknown[0], list(AIO_KEYS), ", ".join(AIO_KEYS)))
     if cfg.pop("use_gds", False):
         raise ValueError("aio.use_gds=true: GPUDirect storage is not supported by the offload tier; set it to false")
     if "thread_count" in cfg:
@@ -312,7 +301,7 @@ class SwapFolder:
 
 #: Seconds a handle's ``wait()`` must block for its batch to be timed (see :class:`DirectionStats`).
 BLOCKED_WAIT_S = 1e-3
-_OPS = ("read", "write")
+AIO_DIRECTIONS = ("read", "write")  # one aio_handle each
 
 
 @dataclass(frozen=True)
@@ -380,7 +369,7 @@ def _finish_pending(handles: dict[str, Any], pending: list[Any]) -> None:
     """Exit finalizer: a handle destroyed with transfers queued aborts the process, so wait each busy one."""
     busy = {p.op for p in pending}
     pending.clear()
-    for op in _OPS:
+    for op in AIO_DIRECTIONS:
         if op in busy:
             handles[op].wait()
 
@@ -417,7 +406,7 @@ class AioSwapper:
         op = aio_op if aio_op is not None else load_aio_op()
         args = (kwargs["block_size"], kwargs["queue_depth"], kwargs["single_submit"], kwargs["overlap_events"],
                 kwargs["intra_op_parallelism"])
-        self._handles: dict[str, Any] = {op_: op.aio_handle(*args) for op_ in _OPS}
+        self._handles: dict[str, Any] = {op_: op.aio_handle(*args) for op_ in AIO_DIRECTIONS}
         self._open = True
         self._quantum = ALIGNMENT * kwargs["intra_op_parallelism"]  # aio refuses sizes not divisible by this
         self._sizes: dict[str, int] = {}  # key -> logical byte size of the last completed write
@@ -426,7 +415,7 @@ class AioSwapper:
         self._exit_finalizer = weakref.finalize(self, _finish_pending, self._handles, self._pending)
         # op ("read", "write", "both") -> (first submit time, bytes) while it has transfers pending
         self._batch: dict[str, tuple[float, int]] = {}
-        self._stats = {op_: DirectionStats() for op_ in (*_OPS, "both")}
+        self._stats = {op_: DirectionStats() for op_ in (*AIO_DIRECTIONS, "both")}
         self._free: dict[int, list[torch.Tensor]] = {}  # padded size -> reusable locked bounce buffers
         self.locked_bytes = 0  # page-locked buffers allocated and not freed (in use + free pool)
         self.max_locked_bytes: int | None = None  # above this, released buffers are freed, not pooled (None: no cap)
@@ -596,7 +585,7 @@ class AioSwapper:
         self._pending.clear()
         errors: list[str] = []
         all_timed, end = True, 0.0
-        busy = sorted((o for o in _OPS if o in self._batch), key=lambda o: self._batch[o][0])
+        busy = sorted((o for o in AIO_DIRECTIONS if o in self._batch), key=lambda o: self._batch[o][0])
         for op in busy:  # every wait ends both directions' batches: one busy direction had the disk alone
             t0 = time.perf_counter()
             done = self._handles[op].wait()

@@ -104,11 +104,19 @@ def is_built(extensions_dir: str | os.PathLike[str], name: str) -> bool:
     return folder.is_dir() and any(p.suffix == ".so" for p in folder.iterdir())
 
 
-def guarded_build(extensions_dir: str | os.PathLike[str], name: str, build: Callable[[], T], *,
-                  prebuilt: bool = False) -> T:
+def _installed_with_deepspeed(name: str) -> bool:
+    """Whether DeepSpeed was installed with op ``name`` built (``DS_BUILD_AIO=1``): nothing to JIT."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(installed_ops.get(name))
+
+
+def guarded_build(extensions_dir: str | os.PathLike[str], name: str, build: Callable[[], T]) -> T:
     """``build()`` (DeepSpeed's ``OpBuilder.load``) under :func:`build_lock`, with a message
-    before a build and its duration after (``prebuilt``: installed with DeepSpeed, nothing to build)."""
-    if prebuilt:
+    before a build and its duration after; an op installed with DeepSpeed just loads."""
+    if _installed_with_deepspeed(name):
         return build()
     with build_lock(extensions_dir, name):
         if is_built(extensions_dir, name):
