@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -169,7 +170,7 @@ def test_rewrite_same_key_and_2d_tensor(swapper):
     swapper.read("k", out)
     swapper.wait()
     assert torch.equal(out, a * 2)
-    assert swapper.nbytes_on_disk == ALIGNMENT
+    assert swapper.nbytes_on_disk == 2 * ALIGNMENT  # one block of payload, one of trailer
 
 
 @needs_aio
@@ -198,7 +199,7 @@ def test_short_file_raises_instead_of_aborting(swapper):
     swapper.wait()
     path = swapper.folder.file("k")
     os.truncate(path, 512)
-    with pytest.raises(NvmeIOError, match=f"short swap file {path}: 512 bytes on disk, 4096 expected"):
+    with pytest.raises(NvmeIOError, match=f"short swap file {path}: 512 bytes on disk, a frame of 4608 expected"):
         swapper.read("k", torch.empty(1000))
 
 
@@ -210,18 +211,9 @@ def test_pending_key_cannot_be_rewritten_before_wait(swapper):
     swapper.wait()
 
 
-@needs_aio
-def test_disk_full_is_refused_before_queueing(swapper, monkeypatch):
-    monkeypatch.setattr(nvme.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 100))
-    path = swapper.folder.path / "big"
-    with pytest.raises(NvmeIOError, match=f"disk full: writing 4096 bytes to {path} needs 4096 more bytes, 100 free"):
-        swapper.write("big", torch.zeros(1024))
-    assert swapper.pending == 0
-
-
-@needs_aio
-def test_disk_full_mid_write_raises_with_path_and_size(tmp_path, aio_op, monkeypatch):
-    """A real full file system (64 KiB tmpfs), with the free-space pre-check fooled: the write check catches it."""
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 64 KiB file system (tmpfs; needs root to mount)."""
     if os.geteuid() != 0:
         pytest.skip("needs root to mount a small tmpfs")
     mnt = tmp_path / "small"
@@ -229,14 +221,48 @@ def test_disk_full_mid_write_raises_with_path_and_size(tmp_path, aio_op, monkeyp
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        monkeypatch.setattr(nvme.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 0, 1 << 30))
-        with SwapFolder(mnt) as folder, AioSwapper(folder, aio_op=aio_op) as sw:
-            sw.write("a", torch.zeros(40000))
-            with pytest.raises(NvmeIOError, match=r"write of 160256 bytes to .*/a left 65536 bytes \(disk full"):
-                sw.wait()
-            assert "a" not in sw and sw.pending == 0
+        yield mnt
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def _fill(mnt):
+    """Take every free byte of ``mnt``, as another process would."""
+    with open(mnt / "hog", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"x" * 512)
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+
+
+@needs_aio
+def test_disk_full_is_refused_before_queueing(small_fs, aio_op):
+    with SwapFolder(small_fs) as folder, AioSwapper(folder, aio_op=aio_op) as sw:
+        path = folder.path / "big"
+        size = sw._padded(40000 * 4)
+        with pytest.raises(NvmeIOError, match=f"disk full: reserving {size} bytes for swap file {path} "
+                                              f"\\(offset 0, size {size}\\) failed") as err:
+            sw.write("big", torch.zeros(40000))
+        assert (err.value.path, err.value.size, err.value.keys) == (str(path), size, ("big",))
+        assert sw.pending == 0 and "big" not in sw
+
+
+@needs_aio
+def test_reserved_file_is_written_after_the_disk_fills(small_fs, aio_op):
+    """Another process takes the space between the reservation and the write: the write still lands."""
+    with SwapFolder(small_fs) as folder, AioSwapper(folder, aio_op=aio_op) as sw:
+        sw.reserve("a", 4000 * 4)
+        _fill(small_fs)
+        data = torch.randn(4000)
+        sw.write("a", data)
+        sw.wait()
+        out = torch.empty(4000)
+        sw.read("a", out)
+        sw.wait()
+        assert torch.equal(out, data)
+        with pytest.raises(NvmeIOError, match="disk full: reserving"):  # a new file finds no room, before any I/O
+            sw.write("b", data)
 
 
 class _RefusingHandle:
@@ -264,7 +290,8 @@ class _RefusingOp:
 
 def test_refused_submit_raises_with_path_and_size(tmp_path):
     with SwapFolder(tmp_path) as folder, AioSwapper(folder, aio_op=_RefusingOp()) as sw:
-        with pytest.raises(NvmeIOError, match=r"aio write of 512 bytes \(12 unpadded\) to .*/k was refused \(returned -1\)"):
+        with pytest.raises(NvmeIOError, match=r"aio write of 1024 bytes \(12 unpadded\) to .*/k at offset 0 was refused "
+                                              r"\(returned -1\)"):
             sw.write("k", torch.zeros(3))
         assert sw.pending == 0
         sw.wait()  # nothing pending: a no-op, never the handle's wait
@@ -422,7 +449,8 @@ def test_wait_that_returns_at_once_counts_bytes_but_is_not_timed(tmp_path, monke
         clock.advance(2.0 ** -5)  # the caller computes; the transfer is long done when it waits
         sw.wait()
         st = sw.io_stats().write
-        assert (st.bytes, st.batches, st.timed_batches, st.timed_bytes, st.gbps) == (4096, 1, 0, 0, None)
+        big, small = sw._padded(4000), sw._padded(40)  # frames: payload padded to 512, one trailer block
+        assert (st.bytes, st.batches, st.timed_batches, st.timed_bytes, st.gbps) == (big, 1, 0, 0, None)
         monkeypatch.setattr(_FileHandle, "delay", 2.0 ** -6)  # now the disk is still busy when we wait
         out = torch.empty(1000)
         sw.read("k", out)
@@ -430,12 +458,12 @@ def test_wait_that_returns_at_once_counts_bytes_but_is_not_timed(tmp_path, monke
         sw.wait()
         st = sw.io_stats()
         assert torch.equal(out, torch.ones(1000))
-        assert (st.read.bytes, st.read.timed_bytes, st.read.timed_batches) == (4096, 4096, 1)
+        assert (st.read.bytes, st.read.timed_bytes, st.read.timed_batches) == (big, big, 1)
         assert (st.read.alone_timed_bytes, st.read.gbps_alone) == (0, None)  # a write was in flight with it
         assert st.write.alone_timed_bytes == 0  # the first write batch was alone but not timed
         assert st.read.timed_seconds == 2.0 ** -6
-        assert (st.write.bytes, st.write.batches, st.write.timed_batches) == (4096 + 512, 2, 1)
-        assert (st.both.bytes, st.both.batches, st.both.timed_bytes) == (4096 * 2 + 512, 2, 4096 + 512)
+        assert (st.write.bytes, st.write.batches, st.write.timed_batches) == (big + small, 2, 1)
+        assert (st.both.bytes, st.both.batches, st.both.timed_bytes) == (big * 2 + small, 2, big + small)
         # the read was submitted first, so waited first; the write's wait then blocked too (its handle slept)
         assert st.both.timed_seconds == st.read.timed_seconds + 2.0 ** -6
         sw._handles["read"].delay = 0.0  # a read long done, a write still running: the span held idle time
@@ -445,7 +473,7 @@ def test_wait_that_returns_at_once_counts_bytes_but_is_not_timed(tmp_path, monke
         sw.wait()
         d = sw.io_stats().since(st)
         assert (d.read.batches, d.read.timed_batches, d.write.timed_batches) == (1, 0, 1)
-        assert (d.both.bytes, d.both.batches, d.both.timed_batches) == (4096 + 512, 1, 0)
+        assert (d.both.bytes, d.both.batches, d.both.timed_batches) == (big + small, 1, 0)
 
 
 @needs_aio
@@ -461,3 +489,60 @@ def test_exit_with_reads_and_writes_pending_does_not_abort(tmp_path, close):
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines()[-1] == "done" and "Assertion" not in proc.stderr
+
+
+# ------------------------------------------------------------------ verified reads
+
+
+@needs_aio
+def test_stale_file_is_refused_naming_path_offset_and_size(swapper):
+    """A write that never reached the disk leaves the previous frame: its generation gives it away."""
+    swapper.write("k", torch.ones(1000))
+    swapper.wait()
+    path = swapper.folder.file("k")
+    old = path.read_bytes()
+    swapper.write("k", torch.full((1000,), 2.0))
+    swapper.wait()
+    path.write_bytes(old)  # what the disk holds when the second write was dropped
+    size = swapper._padded(4000)
+    with pytest.raises(NvmeIOError, match=f"aio read of swap file {path} \\(offset 0, size {size}\\): .*"
+                                          "a write never reached the disk") as err:
+        swapper.read("k", torch.empty(1000))
+        swapper.wait()
+    assert (err.value.path, err.value.offset, err.value.size, err.value.keys) == (str(path), 0, size, ("k",))
+
+
+@needs_aio
+def test_flipped_payload_byte_is_a_checksum_mismatch(swapper):
+    swapper.write("k", torch.arange(1000, dtype=torch.float32))
+    swapper.wait()
+    path = swapper.folder.file("k")
+    raw = bytearray(path.read_bytes())
+    raw[1234] ^= 0x01
+    path.write_bytes(bytes(raw))
+    out = torch.zeros(1000)
+    with pytest.raises(NvmeIOError, match="checksum mismatch"):
+        swapper.read("k", out)
+        swapper.wait()
+    assert torch.equal(out, torch.zeros(1000))  # nothing unverified reaches the caller
+
+
+class _DroppingReadHandle(_FileHandle):
+    """Reads that "complete" without filling the buffer, as a dropped aio read does."""
+
+    def async_pread(self, buf, path, offset):
+        self.queued += 1
+        return 0
+
+
+class _DroppingReadOp:
+    aio_handle = _DroppingReadHandle
+
+
+def test_dropped_read_is_refused(tmp_path):
+    with SwapFolder(tmp_path) as folder, AioSwapper(folder, aio_op=_DroppingReadOp()) as sw:
+        sw.write("k", torch.ones(100))
+        sw.wait()
+        with pytest.raises(NvmeIOError, match="no swap trailer where it belongs"):
+            sw.read("k", torch.empty(100))
+            sw.wait()

@@ -24,22 +24,34 @@ Guards against the handle's sharp edges (DeepSpeed 0.19.8):
   and a read is only queued after checking the file holds the padded size;
 * a submit that fails (missing folder, bad size) returns -1 without an exception:
   it is raised here at once, naming the path and the size;
-* a full disk: free space is checked before queueing, and every completed write is
-  checked against the file's size.
+* a full disk: each file's space is reserved (``posix_fallocate``) before its first
+  write, so a write into it cannot run out of space later (on file systems that
+  allocate in place; copy-on-write ones such as btrfs do not keep that promise);
+* a lost transfer: the op never reads a request's completion result, so a dropped,
+  shortened or failed transfer is silent.  Every file is a *frame*: the payload
+  padded, then one block of trailer (magic, length, a generation unique to each
+  write, CRC32 of the payload); a read checks the trailer and the checksum against
+  what this process wrote last under the key, so stale bytes (a write that never
+  reached the disk) and missing ones (a read that never filled the buffer) both
+  raise :class:`NvmeIOError` naming path, offset and size.  What DeepSpeed does
+  expose, the number of completed requests per ``wait()``, is checked too.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import re
 import secrets
 import shutil
 import stat
+import struct
 import sys
 import time
 import weakref
+import zlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -71,7 +83,17 @@ _NO_AIO_HINT = ("install the Debian/Ubuntu package 'libaio-dev' (apt-get install
 
 
 class NvmeIOError(OSError):
-    """An NVMe transfer failed; the message names the file and the byte size."""
+    """An NVMe transfer failed; the message names the file, the offset and the byte size.
+
+    ``path``/``offset``/``size`` describe the first failed transfer; ``keys`` are the
+    swap keys of every transfer that failed (their bytes are not valid).
+    """
+
+    def __init__(self, code: int, message: str, *, path: str | os.PathLike[str] | None = None,
+                 offset: int | None = None, size: int | None = None, keys: tuple[str, ...] = ()) -> None:
+        super().__init__(code, message)
+        self.path = None if path is None else str(path)
+        self.offset, self.size, self.keys = offset, size, tuple(keys)
 
 
 class AioUnavailableError(RuntimeError):
@@ -81,6 +103,54 @@ class AioUnavailableError(RuntimeError):
 def padded(nbytes: int) -> int:
     """``nbytes`` rounded up to a multiple of :data:`ALIGNMENT` (at least one block)."""
     return max(ALIGNMENT, -(-nbytes // ALIGNMENT) * ALIGNMENT)
+
+
+# ------------------------------------------------------------------ frames
+
+#: The trailer after a frame's padded payload: magic, format version, CRC32 of the payload, payload
+#: length, generation.  It fills the first bytes of the frame's last block (the rest is zero).
+_TRAILER = struct.Struct("<8sIIQQ")
+_MAGIC = b"MOPSWAP1"
+_generations = itertools.count(1)  # process-wide: a stale file of another key can never match either
+
+
+@dataclass(frozen=True)
+class Frame:
+    """What one write put in a swap file, kept in memory to verify every read against."""
+
+    nbytes: int  # payload bytes
+    generation: int
+    crc32: int
+
+
+def crc32(buf: torch.Tensor, nbytes: int) -> int:
+    """CRC32 of the first ``nbytes`` of a CPU uint8 tensor (zlib releases the GIL on large buffers)."""
+    return zlib.crc32(memoryview(buf[:nbytes].numpy())) if nbytes else 0
+
+
+def seal(buf: torch.Tensor, nbytes: int, payload: int) -> Frame:
+    """Write a fresh trailer for ``buf[:nbytes]`` at ``buf[payload:]``; the frame to expect on read."""
+    frame = Frame(nbytes, next(_generations), crc32(buf, nbytes))
+    trailer = _TRAILER.pack(_MAGIC, 1, frame.crc32, nbytes, frame.generation)
+    buf[payload:].zero_()
+    buf[payload: payload + _TRAILER.size].copy_(torch.frombuffer(bytearray(trailer), dtype=torch.uint8))
+    return frame
+
+
+def check_frame(buf: torch.Tensor, payload: int, want: Frame) -> str | None:
+    """Why ``buf`` (a frame read back) is not the frame ``want``; None when it is."""
+    magic, _version, crc, nbytes, generation = _TRAILER.unpack(bytes(buf[payload: payload + _TRAILER.size].numpy()))
+    if magic != _MAGIC:
+        return "no swap trailer where it belongs (the transfer was dropped or cut short)"
+    if (nbytes, generation) != (want.nbytes, want.generation):
+        return (f"it holds write #{generation} of {nbytes} bytes, the last write was #{want.generation} of "
+                f"{want.nbytes} bytes (a write never reached the disk)")
+    if crc != want.crc32:
+        return "its trailer does not match the last write"
+    got = crc32(buf, want.nbytes)
+    if got != want.crc32:
+        return f"checksum mismatch (crc32 {got:#010x} read, {want.crc32:#010x} written)"
+    return None
 
 
 # ------------------------------------------------------------------ aio op
@@ -383,6 +453,7 @@ class _Pending:
     bounce: torch.Tensor
     out: torch.Tensor | None = None
     caller_buffer: bool = False  # a buffer from AioSwapper.buffer(): the caller keeps it, no copy, no recycling
+    frame: Frame | None = None  # write: what it seals into the file; read: what must come back
 
 
 def _byte_view(t: torch.Tensor) -> torch.Tensor:
@@ -409,7 +480,8 @@ class AioSwapper:
         self._handles: dict[str, Any] = {op_: op.aio_handle(*args) for op_ in AIO_DIRECTIONS}
         self._open = True
         self._quantum = ALIGNMENT * kwargs["intra_op_parallelism"]  # aio refuses sizes not divisible by this
-        self._sizes: dict[str, int] = {}  # key -> logical byte size of the last completed write
+        self._frames: dict[str, Frame] = {}  # key -> what its last completed write put there
+        self._reserved: dict[str, int] = {}  # key -> bytes of its file reserved with posix_fallocate
         self._pending: list[_Pending] = []  # mutated in place: the exit finalizer below reads it
         # A handle destroyed with transfers queued aborts the process (C assert): finish them at exit.
         self._exit_finalizer = weakref.finalize(self, _finish_pending, self._handles, self._pending)
@@ -426,8 +498,13 @@ class AioSwapper:
         """The handle that allocates and frees page-locked buffers (any one can: the manager is shared)."""
         return self._handles["write"]
 
+    def _payload(self, nbytes: int) -> int:
+        """Where the trailer starts: ``nbytes`` rounded up to aio's size quantum."""
+        return -(-nbytes // self._quantum) * self._quantum
+
     def _padded(self, nbytes: int) -> int:
-        return max(self._quantum, -(-nbytes // self._quantum) * self._quantum)
+        """Bytes of the frame holding ``nbytes``: on disk, moved per transfer, and the bounce buffer's size."""
+        return self._payload(nbytes) + self._quantum
 
     def _bounce(self, size: int) -> torch.Tensor:
         free = self._free.get(size)
@@ -454,9 +531,10 @@ class AioSwapper:
         return sum(size * len(bufs) for size, bufs in self._free.items())
 
     def buffer(self, nbytes: int) -> torch.Tensor:
-        """A page-locked uint8 buffer padded for aio, for :meth:`write_buffer` / :meth:`read_buffer` without copies.
+        """A page-locked uint8 buffer of one frame, for :meth:`write_buffer` / :meth:`read_buffer` without copies.
 
-        The caller owns it until :meth:`release_buffer`; ``buffer[:nbytes]`` is the payload.
+        The caller owns it until :meth:`release_buffer`; ``buffer[:nbytes]`` is the payload
+        (the bytes after it belong to the trailer).
         """
         self._check_open()
         return self._bounce(self._padded(nbytes))
@@ -476,34 +554,70 @@ class AioSwapper:
             raise NvmeIOError(errno.EBUSY, f"swap '{key}': a transfer of this key is still pending; call wait() first")
         path = self.folder.file(key)
         self.folder.check_file(key)
-        self._check_space(path, buf.numel())
-        self._submit(_Pending("write", key, path, nbytes, buf, caller_buffer=True))
+        self.reserve(key, nbytes)
+        frame = seal(buf, nbytes, self._payload(nbytes))
+        self._submit(_Pending("write", key, path, nbytes, buf, caller_buffer=True, frame=frame))
 
     def read_buffer(self, key: str, buf: torch.Tensor) -> None:
         """Queue reading ``key`` into ``buf`` (from :meth:`buffer`, at least its padded size) without a copy."""
         self._check_open()
-        if key not in self._sizes:
-            raise KeyError(f"swap read '{key}': nothing was written under this key (or its write was not waited for)")
-        nbytes = self._sizes[key]
-        self._check_buffer(key, buf, nbytes)
-        path = self.folder.check_file(key)
-        size = buf.numel()
-        on_disk = self._disk_size(path)
-        if on_disk < size:
-            raise NvmeIOError(errno.EIO, f"short swap file {path}: {on_disk} bytes on disk, {size} expected")
-        self._submit(_Pending("read", key, path, nbytes, buf, caller_buffer=True))
+        frame = self._frame(key)
+        self._check_buffer(key, buf, frame.nbytes)
+        path = self._check_length(key)
+        self._submit(_Pending("read", key, path, frame.nbytes, buf, caller_buffer=True, frame=frame))
 
     def _check_buffer(self, key: str, buf: torch.Tensor, nbytes: int) -> None:
-        if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() % self._quantum or buf.numel() < nbytes:
+        if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() != self._padded(nbytes):
             raise ValueError(f"swap '{key}': the buffer must come from AioSwapper.buffer({nbytes}) "
-                             f"(uint8, padded to {self._quantum} bytes)")
+                             f"(uint8, one frame of {self._padded(nbytes)} bytes)")
 
-    def _check_space(self, path: Path, size: int) -> None:
-        need = size - min(size, self._disk_size(path))
-        free = shutil.disk_usage(self.folder.path).free
-        if need > free:
-            raise NvmeIOError(errno.ENOSPC, f"disk full: writing {size} bytes to {path} needs {need} more bytes, "
-                                            f"{free} free on that file system")
+    def _frame(self, key: str) -> Frame:
+        frame = self._frames.get(key)
+        if frame is None:
+            raise KeyError(f"swap read '{key}': nothing was written under this key (or its write was not waited for)")
+        return frame
+
+    def _check_length(self, key: str) -> Path:
+        """The key's file, if it holds a whole frame (aio aborts the process reading past the end)."""
+        path = self.folder.check_file(key)
+        size = self._padded(self._frames[key].nbytes)
+        on_disk = self._disk_size(path)
+        if on_disk < size:
+            raise NvmeIOError(errno.EIO, f"short swap file {path}: {on_disk} bytes on disk, a frame of {size} "
+                                         f"expected (offset 0, size {size})", path=path, offset=0, size=size,
+                              keys=(key,))
+        return path
+
+    def reserve(self, key: str, nbytes: int) -> None:
+        """Reserve the disk space of a frame of ``nbytes`` for ``key`` now (``posix_fallocate``).
+
+        Called by every write; call it ahead to make sure a later write of this size
+        cannot find the disk full.  ``NvmeIOError`` (ENOSPC) names path and sizes.
+        """
+        size = self._padded(nbytes)
+        if self._reserved.get(key, 0) >= size:
+            return
+        path = self.folder.file(key)
+        self.folder.check_file(key)
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as err:
+            if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # no fallocate here: check what is free instead
+                need = max(0, size - self._disk_size(path))
+                free = shutil.disk_usage(self.folder.path).free
+                if need <= free:
+                    self._reserved[key] = size
+                    return
+                err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            free = shutil.disk_usage(self.folder.path).free
+            raise NvmeIOError(err.errno or errno.EIO,
+                              f"{'disk full' if err.errno == errno.ENOSPC else err.strerror}: reserving {size} bytes "
+                              f"for swap file {path} (offset 0, size {size}) failed, {free} bytes free on that "
+                              "file system", path=path, offset=0, size=size, keys=(key,)) from err
+        finally:
+            os.close(fd)
+        self._reserved[key] = size
 
     # -- I/O
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -514,34 +628,32 @@ class AioSwapper:
         if any(p.key == key for p in self._pending):
             raise NvmeIOError(errno.EBUSY, f"swap '{key}': a transfer of this key is still pending; call wait() first")
         nbytes = tensor.numel() * tensor.element_size()
-        size = self._padded(nbytes)
         path = self.folder.file(key)
         self.folder.check_file(key)
-        self._check_space(path, size)
-        bounce = self._bounce(size)
+        self.reserve(key, nbytes)
+        bounce = self._bounce(self._padded(nbytes))
         if nbytes:
             bounce[:nbytes].copy_(_byte_view(tensor.contiguous()))
-        bounce[nbytes:].zero_()
-        self._submit(_Pending("write", key, path, nbytes, bounce))
+        bounce[nbytes: self._payload(nbytes)].zero_()
+        frame = seal(bounce, nbytes, self._payload(nbytes))
+        self._submit(_Pending("write", key, path, nbytes, bounce, frame=frame))
 
     def read(self, key: str, out: torch.Tensor) -> None:
         """Queue reading ``key`` into ``out`` (same byte size as written); valid after :meth:`wait`."""
         self._check_open()
-        if key not in self._sizes:
-            raise KeyError(f"swap read '{key}': nothing was written under this key (or its write was not waited for)")
+        frame = self._frame(key)
         if out.device.type != "cpu" or not out.is_contiguous():
             raise TypeError(f"swap read '{key}': expected a contiguous CPU tensor to read into")
         nbytes = out.numel() * out.element_size()
-        if nbytes != self._sizes[key]:
-            raise ValueError(f"swap read '{key}': out has {nbytes} bytes, {self._sizes[key]} were written")
-        size = self._padded(nbytes)
-        path = self.folder.check_file(key)
-        on_disk = self._disk_size(path)
-        if on_disk < size:  # aio would abort the process reading past the end
-            raise NvmeIOError(errno.EIO, f"short swap file {path}: {on_disk} bytes on disk, {size} expected")
-        self._submit(_Pending("read", key, path, nbytes, self._bounce(size), out))
+        if nbytes != frame.nbytes:
+            raise ValueError(f"swap read '{key}': out has {nbytes} bytes, {frame.nbytes} were written")
+        path = self._check_length(key)
+        self._submit(_Pending("read", key, path, nbytes, self._bounce(self._padded(nbytes)), out, frame=frame))
 
     def _submit(self, p: _Pending) -> None:
+        if p.op == "read":  # a read that never fills the buffer must not find an old trailer there
+            payload = self._payload(p.nbytes)
+            p.bounce[payload: payload + _TRAILER.size].zero_()
         handle = self._handles[p.op]
         fn = handle.async_pwrite if p.op == "write" else handle.async_pread
         start = time.perf_counter()
@@ -550,7 +662,9 @@ class AioSwapper:
             if not p.caller_buffer:
                 self._recycle(p.bounce)
             raise NvmeIOError(errno.EIO, f"aio {p.op} of {p.bounce.numel()} bytes ({p.nbytes} unpadded) "
-                                         f"{'to' if p.op == 'write' else 'from'} {p.path} was refused (returned {rc})")
+                                         f"{'to' if p.op == 'write' else 'from'} {p.path} at offset 0 was refused "
+                                         f"(returned {rc})", path=p.path, offset=0, size=p.bounce.numel(),
+                              keys=(p.key,))
         self._pending.append(p)
         for op in (p.op, "both"):
             first, nbytes = self._batch.get(op, (start, 0))
@@ -583,7 +697,7 @@ class AioSwapper:
             return  # aio_handle.wait() with nothing pending aborts the process
         pending = list(self._pending)
         self._pending.clear()
-        errors: list[str] = []
+        errors: list[tuple[_Pending | None, str]] = []
         all_timed, end = True, 0.0
         busy = sorted((o for o in AIO_DIRECTIONS if o in self._batch), key=lambda o: self._batch[o][0])
         for op in busy:  # every wait ends both directions' batches: one busy direction had the disk alone
@@ -594,24 +708,36 @@ class AioSwapper:
             self._count_batch(op, timed, end, alone=len(busy) == 1)
             all_timed &= timed
             count = sum(p.op == op for p in pending)
-            if done != count:
-                errors.append(f"aio completed {done} of {count} {op}s")
+            if done != count:  # which ones is not said: every transfer of this direction is suspect
+                errors.extend((p, f"aio completed {done} of {count} {op}s") for p in pending if p.op == op)
         self._count_batch("both", all_timed, end, alone=len(busy) == 1)
+        failed = {p.key for p, _ in errors if p is not None}
         for p in pending:
             size = p.bounce.numel()
             if p.op == "write":
                 on_disk = self._disk_size(p.path)
-                if on_disk < size:
-                    self._sizes.pop(p.key, None)
-                    errors.append(f"write of {size} bytes to {p.path} left {on_disk} bytes (disk full or I/O error)")
+                if on_disk < size or p.key in failed:
+                    self._frames.pop(p.key, None)
+                    if p.key not in failed:
+                        errors.append((p, f"write left {on_disk} bytes in the file (disk full or I/O error)"))
                 else:
-                    self._sizes[p.key] = p.nbytes
-            elif p.out is not None and p.nbytes:
-                _byte_view(p.out).copy_(p.bounce[:p.nbytes])
+                    assert p.frame is not None
+                    self._frames[p.key] = p.frame
+            elif p.key not in failed:
+                assert p.frame is not None
+                why = check_frame(p.bounce, self._payload(p.nbytes), p.frame)
+                if why is not None:
+                    errors.append((p, f"the bytes read back are not the bytes written: {why}"))
+                elif p.out is not None and p.nbytes:
+                    _byte_view(p.out).copy_(p.bounce[:p.nbytes])
             if not p.caller_buffer:
                 self._recycle(p.bounce)
         if errors:
-            raise NvmeIOError(errno.EIO, "; ".join(errors))
+            first = next(p for p, _ in errors if p is not None)
+            raise NvmeIOError(errno.EIO, "; ".join(
+                f"aio {p.op} of swap file {p.path} (offset 0, size {p.bounce.numel()}): {why}" for p, why in errors
+                if p is not None), path=first.path, offset=0, size=first.bounce.numel(),
+                keys=tuple(dict.fromkeys(p.key for p, _ in errors if p is not None)))
 
     @staticmethod
     def _disk_size(path: Path) -> int:
@@ -622,23 +748,24 @@ class AioSwapper:
 
     def nbytes(self, key: str) -> int:
         """Logical byte size last written under ``key``."""
-        return self._sizes[key]
+        return self._frames[key].nbytes
 
     def __contains__(self, key: str) -> bool:
-        return key in self._sizes
+        return key in self._frames
 
     @property
     def nbytes_on_disk(self) -> int:
-        """Bytes the swap files take (padded sizes)."""
-        return sum(self._padded(n) for n in self._sizes.values())
+        """Bytes the valid swap frames take (payload padded, plus the trailer block)."""
+        return sum(self._padded(f.nbytes) for f in self._frames.values())
 
     def forget(self, key: str) -> None:
-        """Mark ``key``'s file as holding no valid data (its file stays; the next write reuses it)."""
-        self._sizes.pop(key, None)
+        """Mark ``key``'s file as holding no valid data (its file and reserved space stay; the next write reuses it)."""
+        self._frames.pop(key, None)
 
     def discard(self, key: str) -> None:
         """Forget ``key`` and delete its file."""
-        self._sizes.pop(key, None)
+        self._frames.pop(key, None)
+        self._reserved.pop(key, None)
         path = self.folder._files.pop(key, None)
         if path is not None:
             try:
