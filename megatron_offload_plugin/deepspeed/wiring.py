@@ -204,11 +204,15 @@ def wire_activations(engine: Any, section: LayerwiseOffloadConfig, ds_config: Ma
 
 
 def _initialize_with(upstream: Any, bound: inspect.BoundArguments) -> Any:
+    from .checkpoint_guard import attach_checkpoint_guard
+
     kw = bound.arguments
     ds_config = resolve_config(kw.get("args"), kw.get("config"), kw.get("config_params"))
     section = section_from_config(ds_config)
     if section is None or not section.enabled:
-        return upstream(**kw)
+        result = upstream(**kw)
+        attach_checkpoint_guard(result[0], section)  # refuses a with-section checkpoint's ZeRO states
+        return result
     assert ds_config is not None
     _check_version()
     for sub in (section.optimizer_states, section.activations):
@@ -237,6 +241,7 @@ def _initialize_with(upstream: Any, bound: inspect.BoundArguments) -> Any:
         if opt is not None:
             attach_master_offload(result[0], opt)
     wire_activations(result[0], section, ds_config)
+    attach_checkpoint_guard(result[0], section)
     return result
 
 
