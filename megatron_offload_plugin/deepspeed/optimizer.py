@@ -30,18 +30,27 @@ shapes and every view DeepSpeed holds stay valid); a step materializes a layer's
 masters from its buffer before the update, and releases them when the next layer
 starts, after ZeRO copied them into the model's weights: during a step one layer's
 masters are materialized at a time (:attr:`master_resident_bytes_peak`).
+
+All or nothing (NVMe): a step is a transaction (:meth:`LayerwiseOffloadOptimizer.transaction`).
+The store writes new states beside the committed ones (:class:`NvmeLayerStore`), the
+parameters a step changes are copied to host memory before their layer's update
+(offloaded master weights need no copy: the committed layer files hold them), and a
+step that raises -- a failed or unverifiable transfer, a full disk -- puts parameters,
+states and scalars back as they were before the step, then re-raises.  The wiring
+(:mod:`.atomic_step`) extends it over the engine's step: counters, learning rate,
+ZeRO's low-precision copies and gradient buffers.
 """
 
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
 
 import torch
 
-from ..offload.nvme import SwapTier
+from ..offload.nvme import NvmeIOError, SwapTier
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +66,13 @@ class LayerwiseOffloadError(RuntimeError):
 
 
 class CpuLayerStore:
-    """Layer buffers in host memory; on a CPU device the working buffer *is* the host buffer."""
+    """Layer buffers in host memory; on a CPU device the working buffer *is* the host buffer.
+
+    Not transactional: the states are updated in place (no I/O can fail here), so a
+    step that raises inside the optimizer itself is not rolled back.
+    """
+
+    transactional = False
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -137,7 +152,16 @@ class NvmeLayerStore:
     Reads and writes are never in flight together: on one disk they halve each other
     (measured on this machine: writes at 0.49x the raw disk figure while a read ran,
     1.1x alone, for the same step time).
+
+    Transactional: each layer has two files (slots).  A write goes to the slot that
+    does not hold the layer's states as of the last :meth:`commit`, so until the next
+    commit those stay on disk untouched and :meth:`rollback` returns to them; both
+    slots' space is reserved at the layer's first write.  A read that fails
+    verification of committed states marks the layer lost (:attr:`lost`): nothing
+    can bring those bytes back, and the optimizer refuses to save or step past it.
     """
+
+    transactional = True
 
     def __init__(self, device: torch.device, nvme_path: str, aio_config: dict[str, Any] | None,
                  *, cap_layers: int) -> None:
@@ -149,6 +173,9 @@ class NvmeLayerStore:
         self._ready: dict[int, torch.Tensor] = {}
         self._writing: dict[Any, torch.Tensor] = {}
         self._stashed: dict[str, int] = {}
+        self._slot: dict[int, int] = {}  # layer -> slot (0/1) holding its newest states
+        self._committed: dict[int, int | None] = {}  # layers written since the last commit -> slot before that
+        self.lost: dict[int, str] = {}  # layer -> why its committed states cannot be read back
         self._max_layer = 0
         self._device_bytes = 0  # working copies on an accelerator (0 on a CPU device: the locked buffers are used)
         self.resident_bytes_peak = 0
@@ -173,27 +200,78 @@ class NvmeLayerStore:
         return dev
 
     def _wait(self) -> None:
+        """Complete every pending transfer; a read that fails verification is tried once more.
+
+        A second read that verifies means the first was lost on the way (the file is
+        fine): the step goes on, with a warning.  Otherwise the error is raised, and
+        a layer whose *committed* states could not be read is marked :attr:`lost`.
+        """
         if not self.swapper.pending:
             return
         import time
 
         t0 = time.perf_counter()
+        error: NvmeIOError | None = None
         try:
             self.swapper.wait()
+        except NvmeIOError as err:
+            error = err
         finally:
             self.wait_seconds += time.perf_counter() - t0
-            self._ready.update(self._reading)
-            self._reading.clear()
+            reading, self._reading = self._reading, {}
             writing, self._writing = self._writing, {}
+            failed = set(error.keys) if error is not None else set()
+            bad_reads = []
+            for layer, buf in reading.items():
+                if self._key(layer) in failed:
+                    bad_reads.append((layer, buf))
+                else:
+                    self._ready[layer] = buf
             for key, buf in writing.items():
                 if isinstance(key, int) and self._key(key) not in self.swapper:
                     self._ready[key] = buf  # the write failed: its newest states stay in memory, nothing is lost
                 else:
                     self.swapper.release_buffer(buf)
+        if error is None:
+            return
+        still = [layer for layer, buf in bad_reads if not self._read_again(layer, buf)]
+        if still or failed - {self._key(layer) for layer, _ in bad_reads}:
+            for layer in still:
+                if layer not in self._committed:
+                    self.lost[layer] = str(error)
+            raise error
+        logger.warning("layerwise_offload: %s; read again and verified, going on", error)
 
-    @staticmethod
-    def _key(layer: int) -> str:
-        return f"layer{layer:05d}.optim"
+    def _read_again(self, layer: int, buf: torch.Tensor) -> bool:
+        """Read ``layer`` into ``buf`` once more, synchronously; True (and ready) if it verifies now."""
+        try:
+            self.swapper.read_buffer(self._key(layer), buf)
+            self.swapper.wait()
+        except NvmeIOError:
+            self.swapper.release_buffer(buf)
+            return False
+        self._ready[layer] = buf
+        return True
+
+    def recheck_lost(self) -> None:
+        """Read every layer marked lost again; those that verify now were lost on the way, not on disk."""
+        for layer in list(self.lost):
+            if self._writing or self._reading:
+                self._wait()
+            buf = self.swapper.buffer(self.swapper.nbytes(self._key(layer)))
+            if self._read_again(layer, buf):
+                del self.lost[layer]
+                logger.warning("layerwise_offload: layer unit %d reads back verified again", layer)
+
+    def _key(self, layer: int, slot: int | None = None) -> str:
+        """The file of ``layer``'s states in ``slot`` (default: the slot holding its newest states)."""
+        return f"layer{layer:05d}.optim.{self._slot.get(layer, 0) if slot is None else slot}"
+
+    def _write_slot(self, layer: int) -> int:
+        """Where a write of ``layer`` goes: never over the states of the last commit."""
+        if layer in self._committed:
+            return self._slot[layer]
+        return 1 - self._slot[layer] if layer in self._slot else 0
 
     def new(self, nbytes: int) -> torch.Tensor:
         if self.device.type != "cpu":
@@ -243,7 +321,11 @@ class NvmeLayerStore:
             return
         if self._writing or self._reading:
             self._wait()  # at most one layer in flight to disk (resident within prefetch + 2 layers), alone on it
+        slot = self._write_slot(layer)
+        self._committed.setdefault(layer, self._slot.get(layer))
+        self._slot[layer] = slot
         try:
+            self.swapper.reserve(self._key(layer, 1 - slot), nbytes)  # both slots' space, at the first write
             self.swapper.write_buffer(self._key(layer), buf, nbytes)
         except BaseException:
             self._ready[layer] = buf  # disk full / refused: the newest states stay in memory, nothing is lost
@@ -251,6 +333,30 @@ class NvmeLayerStore:
             raise
         self._writing[layer] = buf
         self._note(nbytes)
+
+    # -- transactions (see the class docstring)
+    def commit(self) -> None:
+        """Make the states written since the last commit the ones a rollback returns to (waits for the writes)."""
+        self._wait()
+        self._committed.clear()
+
+    def rollback(self) -> None:
+        """Return every layer written since the last commit to its committed states (drops the newer copies)."""
+        try:
+            self._wait()
+        except NvmeIOError:
+            pass  # the transfers being thrown away may well be the ones that failed
+        for layer, slot in self._committed.items():
+            for held in (self._ready, self._reading):
+                buf = held.pop(layer, None)
+                if buf is not None:
+                    self.swapper.release_buffer(buf)
+            if slot is None:
+                self.swapper.forget(self._key(layer))
+                del self._slot[layer]
+            else:
+                self._slot[layer] = slot
+        self._committed.clear()
 
     def discard(self, buf: torch.Tensor) -> None:
         if self.device.type == "cpu":
@@ -292,7 +398,9 @@ class NvmeLayerStore:
 
     @property
     def stored_bytes(self) -> int:
-        return self.swapper.nbytes_on_disk
+        """Bytes of every layer's newest states on disk (the other slots take as much again)."""
+        return sum(self.swapper._padded(self.swapper.nbytes(self._key(layer))) for layer in self._slot
+                   if self._key(layer) in self.swapper)
 
     def forget(self) -> None:
         self._wait()
@@ -348,6 +456,21 @@ def _is_big(v: Any) -> bool:
     return torch.is_tensor(v) and v.numel() > 1
 
 
+def _copy_small(small: dict[int, dict[tuple[int, str], Any]]) -> dict[int, dict[tuple[int, str], Any]]:
+    """The scalar states, copied (Adam's ``step`` tensor is updated in place)."""
+    return {u: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in d.items()} for u, d in small.items()}
+
+
+@dataclass
+class _Transaction:
+    """What a rollback restores: the units' layouts and scalars, and each stepped unit's parameters."""
+
+    layouts: dict[int, _Layout]
+    small: dict[int, dict[tuple[int, str], Any]]
+    params: dict[int, list[torch.Tensor] | None] = field(default_factory=dict)  # None: in the committed files
+    lazy: bool = False  # begun by a unit stepped outside step() (overlap_with_backward): step() completes it
+
+
 # ------------------------------------------------------------------ optimizer
 
 
@@ -383,6 +506,7 @@ class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
         #: Called at the start of step(); returns units already stepped this iteration (see overlap.py).
         self.before_step: Any = None
         self.steps_taken = 0
+        self._txn: _Transaction | None = None
         # master weights (offload_master_weights): off until the wiring turns them on
         self._masters = False
         self._masters_pinned = 0  # > 0: inside master_weights_resident(), every master stays materialized
@@ -468,11 +592,13 @@ class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         units = sorted(u for g in list(self.param_groups) for u in self._units_of_group.get(self._index(g), ()))
-        done = self.before_step() if self.before_step is not None else set()
         try:
-            for u in units:
-                if u not in done:
-                    self.step_unit(u)
+            with self.transaction():
+                self.check_whole()
+                done = self.before_step() if self.before_step is not None else set()
+                for u in units:
+                    if u not in done:
+                        self.step_unit(u)
         except BaseException:
             # ZeRO narrows param_groups to one group around this call and restores them only on success:
             # after an I/O error the engine must still see every group (the error is raised, nothing is lost).
@@ -489,6 +615,7 @@ class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
         rollback area, so that :meth:`restore_unit` can undo the step.
         """
         self.release_master_weights()  # the previous layer's: ZeRO copied them into the model's weights by now
+        self._note_stepped(u)
         layout = self._layouts.get(u)
         buf = self.store.fetch(u) if layout is not None else None
         if stash:
@@ -513,6 +640,89 @@ class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
                 if k != "params":
                     group[k] = v
         self._pack(u, layout, buf)
+
+    # -- transactions (NVMe: a step that raises leaves parameters and states as before it)
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All or nothing for the block: on an exception every unit it stepped is put back, then it re-raises.
+
+        Nested blocks join the outer one (ZeRO calls :meth:`step` once per group inside
+        the engine's transaction); a store that is not transactional makes this a no-op.
+        """
+        owner = self._txn is None or self._txn.lazy
+        if owner and self._txn is None:
+            self._begin(lazy=False)
+        if self._txn is not None:
+            self._txn.lazy = False
+        try:
+            yield
+        except BaseException:
+            if owner:
+                self.rollback()
+            raise
+        if owner:
+            self.commit()
+
+    def _begin(self, *, lazy: bool) -> None:
+        if self.store.transactional:
+            self._txn = _Transaction(dict(self._layouts), _copy_small(self._small), lazy=lazy)
+
+    def _note_stepped(self, u: int) -> None:
+        """Before unit ``u`` changes: keep what a rollback needs to restore its parameters."""
+        if self._txn is None:
+            self._begin(lazy=True)  # a unit stepped inside backward; the step() after it commits
+            if self._txn is None:
+                return
+        if u not in self._txn.params:
+            self._txn.params[u] = None if self._masters else [p.detach().to("cpu", copy=True) for p in self._params(u)]
+
+    def commit(self) -> None:
+        """The transaction's steps stand (waits until the store confirmed every write)."""
+        txn, self._txn = self._txn, None
+        if txn is not None:
+            try:
+                self.store.commit()
+            except BaseException:
+                self._txn = txn
+                self.rollback()
+                raise
+
+    def rollback(self) -> None:
+        """Parameters, states and scalars of every unit stepped in the transaction as before it."""
+        txn, self._txn = self._txn, None
+        if txn is None:
+            return
+        self.store.rollback()
+        self._layouts, self._small = txn.layouts, txn.small
+        for u, saved in txn.params.items():
+            params = self._params(u)
+            for p in params:
+                self.inner.state.pop(p, None)
+            if saved is not None:
+                for p, old in zip(params, saved):
+                    p.detach().copy_(old)
+            elif self._masters_pinned:  # inside master_weights_resident(): materialized, with the committed bytes
+                layout = self._layouts.get(u)
+                if layout is not None:
+                    buf = self.store.fetch(u)
+                    self._attach_masters(u, layout, buf)
+                    self.store.store(u, buf, layout.nbytes, dirty=False)
+            else:  # released: the next use materializes them from the committed files
+                for p in params:
+                    self._release(p)
+        self._to_release = [u for u in self._to_release if u not in txn.params]
+        logger.warning("layerwise_offload: the optimizer step failed; %d layer units rolled back to their states "
+                       "before it", len(txn.params))
+
+    def check_whole(self) -> None:
+        """Raise :class:`NvmeIOError` when some layer's states were lost (a save or a step would be torn)."""
+        lost = getattr(self.store, "lost", None)
+        if lost:
+            self.store.recheck_lost()
+        if lost:
+            layers = ", ".join(f"unit {u} ({why})" for u, why in sorted(lost.items()))
+            raise NvmeIOError(5, f"layerwise_offload: the optimizer states are not whole, {len(lost)} layer "
+                                 f"unit(s) could not be read back: {layers}; resume from the last checkpoint")
 
     def _stash_unit(self, u: int, layout: _Layout | None, buf: torch.Tensor | None) -> None:
         params = self._params(u)
@@ -636,6 +846,7 @@ class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints: every layer's states, materialized for the duration of the call
     def state_dict(self) -> dict[str, Any]:
+        self.check_whole()
         self.store.drain()
         attached: list[Any] = []
         try:
@@ -658,7 +869,7 @@ class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
                 self.inner.state.pop(p, None)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        with self.master_weights_resident(writes=True):
+        with self.master_weights_resident(writes=True), self.transaction():
             self.store.forget()
             self._layouts.clear()
             self._small.clear()

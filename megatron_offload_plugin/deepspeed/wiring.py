@@ -239,7 +239,10 @@ def _initialize_with(upstream: Any, bound: inspect.BoundArguments) -> Any:
 
         opt = layerwise_optimizer(result[0])
         if opt is not None:
+            from .atomic_step import attach as attach_atomic_step
+
             attach_master_offload(result[0], opt)
+            attach_atomic_step(result[0], opt)  # after the masters' wrappers: the rollback uses them
     wire_activations(result[0], section, ds_config)
     attach_checkpoint_guard(result[0], section)
     return result
