@@ -147,3 +147,35 @@ def train(engine: Any, steps: int, next_batch: Callable[[], tuple[torch.Tensor, 
 
 def max_rel_diff(a: list[float], b: list[float]) -> float:
     return max((abs(x - y) / max(abs(y), 1e-30) for x, y in zip(a, b)), default=0.0) if len(a) == len(b) else math.inf
+
+
+def replay(next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], n: int) -> Callable[..., Any]:
+    """``n`` batches drawn once; ``replay(...)(start)`` serves them again from ``start`` (a retried step's data)."""
+    drawn = [next_batch() for _ in range(n)]
+    return lambda start=0: iter(drawn[start:]).__next__
+
+
+def snapshot(engine: Any) -> tuple[dict[str, torch.Tensor], dict[Any, dict[str, Any]], tuple[Any, ...]]:
+    """Everything a step changes: weights (and ZeRO's fp32 masters), optimizer states, step counters, learning rate."""
+    weights = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    if hasattr(engine.optimizer, "single_partition_of_fp32_groups"):  # ZeRO-1/2 (resident around state_dict)
+        from deepspeed.checkpoint.constants import SINGLE_PARTITION_OF_FP32_GROUPS
+
+        masters = engine.optimizer.state_dict()[SINGLE_PARTITION_OF_FP32_GROUPS]
+        weights.update({f"fp32 master {i}": m.detach().clone() for i, m in enumerate(masters)})
+    holder = getattr(engine, "layerwise_offload_optimizer", None) or engine.optimizer
+    states = {k: {n: t.clone() if torch.is_tensor(t) else t for n, t in v.items()}
+              for k, v in holder.state_dict()["state"].items()}
+    return weights, states, (engine.global_steps, engine.global_samples, tuple(engine.get_lr()))
+
+
+def snapshot_differences(a: Any, b: Any) -> list[str]:
+    """What differs between two :func:`snapshot` s, bit for bit (empty: identical)."""
+    (wa, sa, ca), (wb, sb, cb) = a, b
+    out = [] if ca == cb else [f"counters/lr {ca} != {cb}"]
+    out += [f"weight {k}" for k in sorted(set(wa) | set(wb)) if k not in wa or k not in wb or not torch.equal(wa[k], wb[k])]
+    for k in sorted(set(sa) | set(sb), key=str):
+        ta, tb = sa.get(k, {}), sb.get(k, {})
+        out += [f"state {k}.{n}" for n in sorted(set(ta) | set(tb)) if n not in ta or n not in tb
+                or not torch.equal(torch.as_tensor(ta[n]), torch.as_tensor(tb[n]))]
+    return out
