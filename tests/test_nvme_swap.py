@@ -97,6 +97,21 @@ def test_unwritable_base_path_error_names_it(tmp_path, monkeypatch):
         SwapFolder(tmp_path)
 
 
+def test_read_only_mount_is_named_as_such(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a read-only tmpfs")
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with pytest.raises(ValueError, match=f"nvme_path='{mnt}': the file system there is mounted read-only; "
+                                             "remount it read-write"):
+            SwapFolder(mnt)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
 # ------------------------------------------------------------------ aio config and availability
 
 

@@ -249,6 +249,9 @@ def check_base_path(base: str | os.PathLike[str], option: str = "nvme_path") -> 
         raise ValueError(f"{option}='{base}': directory does not exist; create it or set device='cpu'")
     if not path.is_dir():
         raise ValueError(f"{option}='{base}': not a directory; point it at a directory on the NVMe drive")
+    if os.statvfs(path).f_flag & os.ST_RDONLY:  # not a permissions problem: no chmod will help
+        raise ValueError(f"{option}='{base}': the file system there is mounted read-only; "
+                         "remount it read-write or choose a directory on a writable drive")
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"{option}='{base}': directory is not writable by this user; "
                          "fix its permissions or choose another path")
