@@ -80,14 +80,17 @@ def test_nvme_swap_folder_is_removed_when_the_store_closes(tmp_path):
 
 
 @needs_aio
-@pytest.mark.parametrize("stage,bf16", [(0, False), (2, False), (1, True)])
-def test_failed_step_leaves_everything_as_before_and_a_retry_is_bitwise(tmp_path, monkeypatch, stage, bf16):
-    """A write refused mid-step (unit 3 of 10): weights, states, counters and LR as before; the retry is exact."""
+@pytest.mark.parametrize("stage,bf16,overlap", [(0, False, False), (2, False, False), (1, True, False), (0, False, True)])
+def test_failed_step_leaves_everything_as_before_and_a_retry_is_bitwise(tmp_path, monkeypatch, stage, bf16, overlap):
+    """A write refused mid-step (unit 3 of 10): weights, states, counters and LR as before; the retry is exact.
+
+    With overlap_with_backward the failing unit is stepped inside backward, which raises.
+    """
     import errno
 
     from megatron_offload_plugin.offload.nvme import NvmeIOError
 
-    section = {"optimizer_states": {"device": "nvme", "nvme_path": str(tmp_path)}}
+    section = {"optimizer_states": {"device": "nvme", "nvme_path": str(tmp_path), "overlap_with_backward": overlap}}
     cfg = ds_config(stage=stage, bf16=bf16, section=section, scheduler={"type": "WarmupLR", "params": {
         "warmup_min_lr": 0, "warmup_max_lr": 1e-2, "warmup_num_steps": 10}})
     per_step = 2  # micro-batches per optimizer step (gradient accumulation 2)
@@ -217,3 +220,34 @@ def test_zero_overflow_step_is_skipped_like_the_engine_without_the_section(tmp_p
             assert torch.equal(a, b), name
     else:
         assert max_rel_diff([losses[k] for k in finite], [ref_losses[k] for k in finite]) <= 1e-6
+
+
+@needs_aio
+def test_a_failed_first_step_after_a_checkpoint_load_returns_to_the_loaded_states(tmp_path, monkeypatch):
+    """load_checkpoint writes every layer outside a step: a rollback must return there, not to what came before."""
+    import errno
+
+    from megatron_offload_plugin.offload.nvme import NvmeIOError
+
+    section = {"optimizer_states": {"device": "nvme", "nvme_path": str(tmp_path)}}
+    cfg = ds_config(stage=2, section=section)
+    data = replay(batches(SHAPE, 2), 4)
+    saved = build(SHAPE, cfg)
+    train(saved, 2, data())
+    saved.save_checkpoint(str(tmp_path / "ckpt"), tag="t")
+    engine = build(SHAPE, cfg)
+    train(engine, 1, data())  # states that the load replaces
+    engine.load_checkpoint(str(tmp_path / "ckpt"), tag="t")
+    loaded = snapshot(engine)
+    sw = layerwise_optimizer(engine).store.swapper
+    real_write = sw.write_buffer
+
+    def failing_write(key, buf, nbytes):
+        if key.startswith("layer00002."):
+            raise NvmeIOError(errno.EIO, f"aio write of swap file {key} failed", keys=(key,))
+        return real_write(key, buf, nbytes)
+
+    monkeypatch.setattr(sw, "write_buffer", failing_write)
+    with pytest.raises(NvmeIOError, match="layer00002"):
+        train(engine, 1, data())
+    assert snapshot_differences(snapshot(engine), loaded) == []

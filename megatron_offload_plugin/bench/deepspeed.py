@@ -227,8 +227,7 @@ def child(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> dict[str,
         out["prefetch_layers"] = opt.prefetch_layers
         if on_nvme:
             out["aio_wait_s"] = wait_s
-            layer_files = [store.folder.path / k for k in store.folder.keys() if k.endswith(".optim")]
-            out.update(_io_figures(io, *_disk_gbps(store.folder.path, store.stored_bytes, layer_files)))
+            out.update(_io_figures(io, *_disk_gbps(store.folder.path, store.stored_bytes, store.layer_files())))
         opt.close()
     return out
 

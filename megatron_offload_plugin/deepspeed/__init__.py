@@ -8,6 +8,8 @@ The section's keys and defaults are documented in :mod:`.config`.
 
 from __future__ import annotations
 
+from ..offload.nvme import NvmeIOError
+from .checkpoint_guard import CheckpointLayoutError
 from .config import SECTION, ActivationsConfig, LayerwiseOffloadConfig, OptimizerStatesConfig, defaults, parse_section
 from .optimizer import LayerwiseOffloadOptimizer
 from .wiring import (
@@ -27,6 +29,8 @@ __all__ = [
     "LayerwiseOffloadConfig",
     "OptimizerStatesConfig",
     "LayerwiseOffloadOptimizer",
+    "CheckpointLayoutError",
+    "NvmeIOError",
     "DEEPSPEED_VERSIONS",
     "defaults",
     "parse_section",

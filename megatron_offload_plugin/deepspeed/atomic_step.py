@@ -81,7 +81,7 @@ def _stop_running_timers(timers: Any, names: Any) -> None:
             timer.stop()
 
 
-def _clear_gradients(engine: Any) -> None:
+def clear_gradients(engine: Any) -> None:
     """The gradients as a skipped step leaves them (what ZeRO does on overflow; zero_grad otherwise)."""
     zopt = engine.optimizer
     if hasattr(zopt, "averaged_gradients"):  # ZeRO-1/2
@@ -101,7 +101,7 @@ def _clear_gradients(engine: Any) -> None:
         engine.zero_grad()
 
 
-def _restart_accumulation(engine: Any) -> None:
+def restart_accumulation(engine: Any) -> None:
     """Counters as at the start of the failed step's accumulation window: a retry runs all its micro-batches."""
     engine._running_engine_step = False  # engine.step() raised before clearing it
     if hasattr(engine, "_unmanaged_backward_count"):
@@ -113,11 +113,11 @@ def _restart_accumulation(engine: Any) -> None:
 
 def _after_rollback(engine: Any, snapshot: _EngineSnapshot) -> None:
     snapshot.restore(engine)
-    _restart_accumulation(engine)
+    restart_accumulation(engine)
     update_lp = getattr(engine.optimizer, "update_lp_params", None)
     if callable(update_lp):
         update_lp()  # the low-precision weights from the restored fp32 ones
-    _clear_gradients(engine)
+    clear_gradients(engine)
     try:
         from deepspeed.runtime.zero.stage_1_and_2 import OPTIMIZER_TIMERS
     except ImportError:  # pragma: no cover - other layouts

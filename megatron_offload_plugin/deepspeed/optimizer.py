@@ -43,6 +43,7 @@ ZeRO's low-precision copies and gradient buffers.
 
 from __future__ import annotations
 
+import errno
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -176,6 +177,7 @@ class NvmeLayerStore:
         self._slot: dict[int, int] = {}  # layer -> slot (0/1) holding its newest states
         self._committed: dict[int, int | None] = {}  # layers written since the last commit -> slot before that
         self.lost: dict[int, str] = {}  # layer -> why its committed states cannot be read back
+        self._out: dict[int, torch.Tensor] = {}  # id -> locked buffers handed out (CPU device), back by store/discard
         self._max_layer = 0
         self._device_bytes = 0  # working copies on an accelerator (0 on a CPU device: the locked buffers are used)
         self.resident_bytes_peak = 0
@@ -281,6 +283,7 @@ class NvmeLayerStore:
             return buf
         buf = self.swapper.buffer(nbytes)
         self._note(nbytes)
+        self._out[id(buf)] = buf
         return buf
 
     def prefetch(self, layer: int) -> None:
@@ -302,9 +305,13 @@ class NvmeLayerStore:
         if layer not in self._ready:
             self.prefetch(layer)
             self._wait()
-        return self._on_device(self._ready.pop(layer))
+        buf = self._on_device(self._ready.pop(layer))
+        if self.device.type == "cpu":
+            self._out[id(buf)] = buf
+        return buf
 
     def store(self, layer: int, buf: torch.Tensor, nbytes: int, *, dirty: bool = True) -> None:
+        self._out.pop(id(buf), None)
         on_disk = self._key(layer) in self.swapper
         if self.device.type != "cpu":
             self._device_bytes -= buf.numel()
@@ -337,8 +344,9 @@ class NvmeLayerStore:
     # -- transactions (see the class docstring)
     def commit(self) -> None:
         """Make the states written since the last commit the ones a rollback returns to (waits for the writes)."""
-        self._wait()
-        self._committed.clear()
+        if self._committed:
+            self._wait()
+            self._committed.clear()
 
     def rollback(self) -> None:
         """Return every layer written since the last commit to its committed states (drops the newer copies)."""
@@ -357,9 +365,13 @@ class NvmeLayerStore:
             else:
                 self._slot[layer] = slot
         self._committed.clear()
+        for buf in self._out.values():  # the buffers of the unit the failure interrupted
+            self.swapper.release_buffer(buf)
+        self._out.clear()
 
     def discard(self, buf: torch.Tensor) -> None:
         if self.device.type == "cpu":
+            self._out.pop(id(buf), None)
             self.swapper.release_buffer(buf)
         else:
             self._device_bytes -= buf.numel()
@@ -395,6 +407,10 @@ class NvmeLayerStore:
         buf = self._ready.pop(layer, None)
         if buf is not None:
             self.swapper.release_buffer(buf)
+
+    def layer_files(self) -> list[Any]:
+        """Paths of the files holding every layer's newest states (one slot each)."""
+        return [self.folder.path / self._key(layer) for layer in sorted(self._slot) if self._key(layer) in self.swapper]
 
     @property
     def stored_bytes(self) -> int:
@@ -665,6 +681,7 @@ class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
 
     def _begin(self, *, lazy: bool) -> None:
         if self.store.transactional:
+            self.store.commit()  # what was written outside a step (a load, a repack) is the truth now
             self._txn = _Transaction(dict(self._layouts), _copy_small(self._small), lazy=lazy)
 
     def _note_stepped(self, u: int) -> None:
@@ -694,6 +711,8 @@ class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
             return
         self.store.rollback()
         self._layouts, self._small = txn.layouts, txn.small
+        self._stashed_layout.clear()  # overlap_with_backward's speculation copies: the rollback supersedes them
+        self.store.drop_stash()
         for u, saved in txn.params.items():
             params = self._params(u)
             for p in params:
@@ -721,7 +740,7 @@ class LayerwiseOffloadOptimizer(torch.optim.Optimizer):
             self.store.recheck_lost()
         if lost:
             layers = ", ".join(f"unit {u} ({why})" for u, why in sorted(lost.items()))
-            raise NvmeIOError(5, f"layerwise_offload: the optimizer states are not whole, {len(lost)} layer "
+            raise NvmeIOError(errno.EIO, f"layerwise_offload: the optimizer states are not whole, {len(lost)} layer "
                                  f"unit(s) could not be read back: {layers}; resume from the last checkpoint")
 
     def _stash_unit(self, u: int, layout: _Layout | None, buf: torch.Tensor | None) -> None:

@@ -85,9 +85,26 @@ class BackwardOverlap:
     @torch.no_grad()
     def _step_early(self, u: int) -> None:
         speculative = self.clip > 0
-        self.opt.step_unit(u, prefetch_order=self._order, stash=speculative)
+        try:
+            self.opt.step_unit(u, prefetch_order=self._order, stash=speculative)
+        except BaseException:
+            self._abandon_iteration()
+            raise
         self._early.append(u)
         self.early_units_total += 1
+
+    def _abandon_iteration(self) -> None:
+        """An early step failed inside backward: undo the iteration's early steps and its gradients.
+
+        The backward raises; running the same iteration again then starts from the
+        weights and states before it (bitwise), as after a failed ``engine.step()``.
+        """
+        from .atomic_step import clear_gradients, restart_accumulation
+
+        self.opt.rollback()
+        self._early, self._probe, self._seen = [], [], [0] * len(self._seen)
+        clear_gradients(self.engine)
+        restart_accumulation(self.engine)
 
     def before_step(self) -> set[int]:
         """Called by ``optimizer.step()``: the units whose early step stands."""
