@@ -108,11 +108,11 @@ def test_failed_step_leaves_everything_as_before_and_a_retry_is_bitwise(tmp_path
     sw = opt.store.swapper
     real_write = sw.write_buffer
 
-    def failing_write(key, buf, nbytes):
+    def failing_write(key, buf, nbytes, **kw):
         if key.startswith("layer00003."):
             raise NvmeIOError(errno.EIO, f"aio write of swap file {sw.folder.path / key} (offset 0, size {buf.numel()}) "
                                          "failed", path=sw.folder.path / key, offset=0, size=buf.numel(), keys=(key,))
-        return real_write(key, buf, nbytes)
+        return real_write(key, buf, nbytes, **kw)
 
     monkeypatch.setattr(sw, "write_buffer", failing_write)
     with pytest.raises(NvmeIOError, match=r"aio write of swap file .*layer00003\.optim\.\d \(offset 0, size \d+\)"):
@@ -242,10 +242,10 @@ def test_a_failed_first_step_after_a_checkpoint_load_returns_to_the_loaded_state
     sw = layerwise_optimizer(engine).store.swapper
     real_write = sw.write_buffer
 
-    def failing_write(key, buf, nbytes):
+    def failing_write(key, buf, nbytes, **kw):
         if key.startswith("layer00002."):
             raise NvmeIOError(errno.EIO, f"aio write of swap file {key} failed", keys=(key,))
-        return real_write(key, buf, nbytes)
+        return real_write(key, buf, nbytes, **kw)
 
     monkeypatch.setattr(sw, "write_buffer", failing_write)
     with pytest.raises(NvmeIOError, match="layer00002"):

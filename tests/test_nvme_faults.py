@@ -201,11 +201,11 @@ def _sigterm_mid_step(base: Path) -> None:
     sw = engine.layerwise_offload_optimizer.store.swapper
     real, calls = sw.write_buffer, []
 
-    def write_then_die(*args: Any) -> Any:
+    def write_then_die(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args)
+        return real(*args, **kwargs)
 
     sw.write_buffer = write_then_die
     train(engine, 1, data(PER_STEP))

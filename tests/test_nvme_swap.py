@@ -561,3 +561,17 @@ def test_dropped_read_is_refused(tmp_path):
         with pytest.raises(NvmeIOError, match="no swap trailer where it belongs"):
             sw.read("k", torch.empty(100))
             sw.wait()
+
+
+@needs_aio
+def test_a_flipped_byte_in_any_chunk_of_a_large_payload_is_caught(swapper):
+    data = torch.randn((nvme.CRC_CHUNK * 2 + 1000) // 4)  # three checksum chunks
+    swapper.write("k", data)
+    swapper.wait()
+    path = swapper.folder.file("k")
+    raw = bytearray(path.read_bytes())
+    raw[nvme.CRC_CHUNK + 7] ^= 0x80  # in the second chunk
+    path.write_bytes(bytes(raw))
+    with pytest.raises(NvmeIOError, match="checksum mismatch"):
+        swapper.read("k", torch.empty_like(data))
+        swapper.wait()

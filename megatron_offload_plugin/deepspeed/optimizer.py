@@ -326,6 +326,7 @@ class NvmeLayerStore:
             else:  # its last write failed: this buffer is the only copy, keep it until a write succeeds
                 self._ready[layer] = buf
             return
+        sealed = self.swapper.seal_buffer(buf, nbytes)  # the checksum runs while earlier transfers finish
         if self._writing or self._reading:
             self._wait()  # at most one layer in flight to disk (resident within prefetch + 2 layers), alone on it
         slot = self._write_slot(layer)
@@ -333,7 +334,7 @@ class NvmeLayerStore:
         self._slot[layer] = slot
         try:
             self.swapper.reserve(self._key(layer, 1 - slot), nbytes)  # both slots' space, at the first write
-            self.swapper.write_buffer(self._key(layer), buf, nbytes)
+            self.swapper.write_buffer(self._key(layer), buf, nbytes, sealed=sealed)
         except BaseException:
             self._ready[layer] = buf  # disk full / refused: the newest states stay in memory, nothing is lost
             self.swapper.forget(self._key(layer))  # the file holds older states now
