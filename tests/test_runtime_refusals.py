@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 
@@ -19,6 +22,19 @@ def test_transformer_engine_layers_are_refused_by_split_schedules():
     with pytest.raises(NotImplementedError, match="Transformer Engine layers .*local layer spec"):
         _check_no_transformer_engine_linears("zb-h1", [model])
     _check_no_transformer_engine_linears("zb-h1", [torch.nn.Sequential(torch.nn.Linear(2, 2))])
+
+
+@pytest.mark.parametrize("name", ["zb-h1", "zb-h2", "zb-v", "v-half", "v-min", "auto"])
+def test_transformer_engine_refusal_names_megatron_lm_flag_and_te_deferral(name, monkeypatch):
+    """Megatron-LM defaults to --transformer-impl transformer_engine: the refusal names the flag to pass."""
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.SimpleNamespace(__version__="2.8.0"))
+    FakeTE = type("TELinear", (torch.nn.Module,), {"__module__": "megatron.core.extensions.transformer_engine"})
+    with pytest.raises(NotImplementedError) as err:
+        _check_no_transformer_engine_linears(name, [torch.nn.Sequential(FakeTE())])
+    message = str(err.value)
+    assert message.startswith(f"--pipeline-schedule {name} splits each linear's backward into B and W")
+    assert "pass --transformer-impl local (its default is transformer_engine)" in message
+    assert "Transformer Engine 2.8.0 is installed here" in message and "delay_wgrad_compute" in message
 
 
 def test_v_schedules_refuse_tied_embeddings():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 from .loading import FILE_SUFFIXES, closest, config_from_mapping, load_config_file, to_mapping
@@ -105,16 +105,18 @@ def plugin_flags() -> dict[str, OptionSpec | None]:
 
 
 def split_plugin_argv(
-    argv: Sequence[str], *, foreign_flags: Collection[str] = ()
+    argv: Sequence[str], *, foreign_flags: Collection[str] = (), extra_flags: Mapping[str, OptionSpec] | None = None
 ) -> tuple[list[str], list[str]]:
     """(plugin flags with their values, everything else in its order).
 
     The rest goes to Megatron-LM's parser, which would reject our flags, so a
     near-miss of a plugin flag is refused here with a suggestion rather than
     passed on.  ``foreign_flags`` are known to belong to the other parser and
-    are never taken for typos.  Everything after ``--`` is passed on untouched.
+    are never taken for typos.  ``extra_flags`` are front-end flags that are not
+    config options (the launcher's log level), taken out and checked the same way.
+    Everything after ``--`` is passed on untouched.
     """
-    flags = plugin_flags()
+    flags = {**plugin_flags(), **(extra_flags or {})}
     ours: list[str] = []
     rest: list[str] = []
     i = 0
@@ -125,7 +127,7 @@ def split_plugin_argv(
             break
         name = arg.partition("=")[0]
         if name in flags:
-            taken = _plugin_tokens(argv, i, name, flags[name])
+            taken = _plugin_tokens(argv, i, name, flags[name], flags)
             ours += argv[i : i + taken]
             i += taken
             continue
@@ -136,12 +138,13 @@ def split_plugin_argv(
     return ours, rest
 
 
-def _plugin_tokens(argv: Sequence[str], i: int, name: str, opt: OptionSpec | None) -> int:
+def _plugin_tokens(argv: Sequence[str], i: int, name: str, opt: OptionSpec | None, flags: Collection[str]) -> int:
     """How many tokens from ``argv[i]`` belong to plugin flag ``name`` (1 or 2)."""
     inline = "=" in argv[i]
     if opt is not None and opt.is_bool:
         if inline:
-            raise ValueError(f"option '{name}' takes no value; write {opt.flag} or {opt.negative_flag}")
+            spellings = " or ".join(s for s in opt.option_strings if s in flags)  # a launcher switch has no --no-
+            raise ValueError(f"option '{name}' takes no value; write {spellings}")
         return 1
     if inline:
         return 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -65,12 +66,22 @@ def _check_no_transformer_engine_linears(name: str, chunks: Sequence[Any]) -> No
             if type(module).__module__.startswith("transformer_engine") or type(module).__module__.startswith(
                 "megatron.core.extensions.transformer_engine"
             ):
-                raise NotImplementedError(
-                    f"--pipeline-schedule {name} splits each linear's backward into B and W, but the model "
-                    f"has Transformer Engine layers ({type(module).__name__}) whose weight gradients it "
-                    "cannot defer; build the model with the local layer spec "
-                    "(get_gpt_layer_local_spec) or use --pipeline-schedule 1f1b / interleaved / megatron"
-                )
+                raise NotImplementedError(transformer_engine_refusal(name, type(module).__name__))
+
+
+def transformer_engine_refusal(name: str, layer: str) -> str:
+    """Why a split schedule refuses TE layers, and the fix (Megatron-LM defaults to TE)."""
+    te = sys.modules.get("transformer_engine")
+    version = getattr(te, "__version__", None) if te is not None else None
+    installed = f"Transformer Engine {version}" if version else "Transformer Engine"
+    return (
+        f"--pipeline-schedule {name} splits each linear's backward into B and W, but the model has "
+        f"Transformer Engine layers ({layer}) whose weight gradients it cannot defer. With Megatron-LM, "
+        "pass --transformer-impl local (its default is transformer_engine); with megatron-core, build the "
+        "model with the local layer spec (get_gpt_layer_local_spec); or keep TE and use --pipeline-schedule "
+        f"1f1b / interleaved / megatron. ({installed} is installed here: its own weight-gradient deferral, "
+        "delay_wgrad_compute / backward_dw, is not wired into the plugin's split schedules yet.)"
+    )
 
 
 def _create_pipeline_communicator() -> None:
