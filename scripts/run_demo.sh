@@ -10,7 +10,7 @@ exec "${VENV:-$ROOT/.venv}/bin/torchrun" --nproc-per-node "$NPROC" --master-addr
     -m megatron_offload_plugin.launch scripts/pretrain_gpt.py \
     --num-layers 8 --hidden-size 256 --num-attention-heads 8 --seq-length 256 \
     --max-position-embeddings 256 --micro-batch-size 1 --global-batch-size 8 \
-    --pipeline-model-parallel-size 4 --train-iters "${TRAIN_ITERS:-10}" --lr 1e-3 \
-    --lr-warmup-iters 2 --seed 1234 --log-interval 1 \
+    --pipeline-model-parallel-size 4 --train-iters "${TRAIN_ITERS:-10}" --lr 6e-4 --min-lr 6e-5 \
+    --lr-warmup-iters 4 --lr-decay-style cosine --seed 1234 --log-interval 1 \
     --pipeline-schedule zb-h1 --activation-offload full \
     --json-summary "${JSON_SUMMARY:-/tmp/megatron_offload_plugin_demo.json}" "$@"

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +20,22 @@ from megatron_offload_plugin.integrations.megatron.data import (
     load_token_file,
     padded_vocab_size,
 )
-from megatron_offload_plugin.integrations.megatron.recipe import GPTRecipe
+from megatron_offload_plugin.integrations.megatron.recipe import GPTRecipe, add_megatron_arguments, recipe_from_args
+from megatron_offload_plugin.integrations.megatron.training import learning_rate
+
+RUN_DEMO = Path(__file__).resolve().parents[1] / "scripts" / "run_demo.sh"
+
+
+def _main_job_recipe() -> GPTRecipe:
+    """The recipe ``scripts/run_demo.sh`` (the main job) runs with its default TRAIN_ITERS."""
+    script = RUN_DEMO.read_text()
+    command = script[script.index("scripts/pretrain_gpt.py") + len("scripts/pretrain_gpt.py"):]
+    command = re.sub(r'"\$\{(\w+):-([^}]*)\}"', r"\2", command.replace("\\\n", " "))
+    flags = shlex.split(command.split('"$@"')[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    add_megatron_arguments(parser)
+    known, _plugin_flags = parser.parse_known_args(flags)
+    return recipe_from_args(known)
 
 
 def test_embedded_corpus_is_byte_tokens_with_document_ends():
@@ -21,6 +43,52 @@ def test_embedded_corpus_is_byte_tokens_with_document_ends():
     assert tokens.min() >= 0 and tokens.max() == ByteTokenizer.eod
     text = ByteTokenizer().detokenize(tokens[:200].tolist())
     assert text.startswith("Pipeline parallelism")
+
+
+def test_embedded_corpus_outlasts_ten_main_jobs_without_wrapping():
+    """The main job must train on text it has not seen: ten of its runs back to back never
+    reach the end of the corpus (a 4.5 K-token corpus was memorised in three iterations)."""
+    recipe = _main_job_recipe()
+    consumed = 10 * recipe.train_iters * recipe.global_batch_size * recipe.seq_length
+    tokens = embedded_corpus_tokens()
+    assert tokens.size - recipe.seq_length - 1 > consumed
+    assert (tokens == ByteTokenizer.eod).sum() > 50  # many documents, not one long text
+
+
+def test_embedded_corpus_is_the_same_in_another_process_and_callers_get_their_own_copy():
+    tokens = embedded_corpus_tokens()
+    code = (
+        "import hashlib; from megatron_offload_plugin.integrations.megatron.data import embedded_corpus_tokens; "
+        "print(hashlib.sha256(embedded_corpus_tokens().tobytes()).hexdigest())"
+    )
+    import hashlib
+
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert other == hashlib.sha256(tokens.tobytes()).hexdigest()
+    tokens[:10] = 0
+    assert embedded_corpus_tokens()[0] != 0
+
+
+def test_learning_rate_warms_up_linearly_then_follows_the_cosine_to_min_lr():
+    r = GPTRecipe(lr=1e-3, min_lr=1e-4, lr_warmup_iters=4, lr_decay_style="cosine", train_iters=14)
+    lrs = [learning_rate(r, i) for i in range(r.train_iters)]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lrs[4] == pytest.approx(1e-3)
+    assert lrs[9] == pytest.approx(5.5e-4)  # half-way through the decay: (lr + min_lr) / 2
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] > r.min_lr
+    assert learning_rate(r, 100) == pytest.approx(r.min_lr)
+
+
+def test_main_job_warms_up_gradually_and_decays():
+    """Reaching the peak after two iterations made the loss jump (4.27 -> 8.05 at iteration 5)."""
+    recipe = _main_job_recipe()
+    lrs = [learning_rate(recipe, i) for i in range(recipe.train_iters)]
+    peak = max(lrs)
+    assert recipe.lr_warmup_iters >= 4 and lrs.index(peak) == recipe.lr_warmup_iters - 1
+    assert all(a < b for a, b in zip(lrs[: recipe.lr_warmup_iters], lrs[1: recipe.lr_warmup_iters]))
+    assert recipe.lr_decay_style != "constant" and recipe.min_lr > 0
+    after = lrs[recipe.lr_warmup_iters - 1:]
+    assert all(a >= b for a, b in zip(after, after[1:])) and after[-1] < peak
 
 
 def test_padded_vocab_follows_megatron_rule():

@@ -1,13 +1,16 @@
 """Token sources for the GPT driver: the embedded corpus, synthetic tokens, a user's file.
 
-The driver must run on a machine with no network, so the default data ships
-with the package (a small English text, byte-level tokenized).  ``--data-path``
+The driver must run on a machine with no network, so the default data is on
+every machine already: the package's short text on pipeline parallelism, then
+the standard library's ``pydoc_data.topics`` (about 465 KB of English prose
+from the Python reference manual), byte-level tokenized.  ``--data-path``
 takes what Megatron users already have: a Megatron ``IndexedDataset`` prefix
 (``<prefix>.bin`` + ``<prefix>.idx``), or a 1-D integer ``.npy`` array.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from importlib import resources
@@ -42,15 +45,44 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: 
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def embedded_corpus_tokens() -> np.ndarray:
+def embedded_corpus_documents() -> list[str]:
+    """The embedded corpus as documents, in a fixed order.
+
+    First the package's own text (one document per paragraph), then the standard
+    library's pydoc topics (one document per topic, sorted by name).  The pydoc
+    text is the one of the running Python, so the corpus is the same on every rank
+    and every rerun with that interpreter.
+    """
     text = resources.files("megatron_offload_plugin.data").joinpath("corpus.txt").read_text("utf-8")
-    tok = ByteTokenizer()
     docs = [d.strip() for d in text.split("\n\n") if d.strip()]
-    tokens: list[int] = []
-    for doc in docs:
-        tokens.extend(tok.tokenize(doc))
-        tokens.append(tok.eod)
-    return np.asarray(tokens, dtype=np.int64)
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # a stripped-down Python without the pydoc data
+        logger.warning(
+            "pydoc_data.topics is not available in this Python; the embedded corpus is only the "
+            "package's %d-paragraph text, which a few iterations memorise; pass --data-path for "
+            "real data", len(docs)
+        )
+        return docs
+    docs.extend(topics[name].strip() for name in sorted(topics) if topics[name].strip())
+    return docs
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_corpus_tokens() -> np.ndarray:
+    parts: list[np.ndarray] = []
+    eod = np.asarray([ByteTokenizer.eod], dtype=np.int64)
+    for doc in embedded_corpus_documents():
+        parts.append(np.frombuffer(doc.encode("utf-8"), dtype=np.uint8).astype(np.int64))
+        parts.append(eod)
+    tokens = np.concatenate(parts)
+    tokens.flags.writeable = False
+    return tokens
+
+
+def embedded_corpus_tokens() -> np.ndarray:
+    """The embedded corpus as byte tokens, each document followed by the end-of-document token."""
+    return _embedded_corpus_tokens().copy()
 
 
 def synthetic_tokens(num_tokens: int, vocab_size: int, seed: int) -> np.ndarray:
