@@ -238,7 +238,13 @@ def shim(tmp_path_factory):
         pytest.skip(f"cannot build the aio fault shim: {err}")
 
 
+#: Set by this process's own single-rank DeepSpeed (tiny.init_single_process_dist) when other tests ran first:
+#: the child must pick its own port, this one is taken.
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
 def _run_child(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in env.items() if k not in _DIST_ENV}
     return subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True,
                           timeout=CHILD_TIMEOUT_S, cwd=Path(__file__).resolve().parents[1])
 
