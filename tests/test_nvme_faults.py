@@ -17,7 +17,6 @@ same iteration run again must give exactly what the fault-free run gave.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -301,35 +300,7 @@ def test_sigterm_mid_step_removes_the_swap_folder_and_keeps_the_exit_status(shim
 # ------------------------------------------------------------------ a disk that fills up (in process)
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
-
-
-def _fill(mnt: Path, leave: int = 0) -> Path:
-    """Take all but ``leave`` bytes of ``mnt``, as another process would; the hog file's path."""
-    hog = mnt / "hog"
-    with open(hog, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"x" * 4096)
-        except OSError as err:
-            assert err.errno == errno.ENOSPC
-    if leave:
-        os.truncate(hog, max(0, hog.stat().st_size - leave))
-    return hog
-
-
-def test_disk_full_in_the_first_step_leaves_everything_as_before(small_fs, tmp_path):
+def test_disk_full_in_the_first_step_leaves_everything_as_before(small_fs_factory, tmp_path):
     from megatron_offload_plugin.deepspeed.tiny import GPTShape, build, ds_config, replay, batches, snapshot, \
         snapshot_differences, train
     from megatron_offload_plugin.offload.nvme import NvmeIOError
@@ -344,9 +315,10 @@ def test_disk_full_in_the_first_step_leaves_everything_as_before(small_fs, tmp_p
     want = snapshot(reference)
     reference.layerwise_offload_optimizer.close()
 
+    small_fs = small_fs_factory.mount("2m")
     e = engine(small_fs)
     before = snapshot(e)
-    hog = _fill(small_fs, leave=96 * 1024)  # room for the first layers' two slots, not for all
+    hog = small_fs_factory.fill(small_fs, leave=96 * 1024)  # room for the first layers' two slots, not for all
     with pytest.raises(NvmeIOError, match=r"disk full: reserving \d+ bytes for swap file .*layer\d+\.optim\.\d "
                                           r"\(offset 0, size \d+\) failed") as err:
         train(e, 1, data())
@@ -355,7 +327,7 @@ def test_disk_full_in_the_first_step_leaves_everything_as_before(small_fs, tmp_p
     hog.unlink()  # the space is back
     train(e, 2, data())
     assert snapshot_differences(snapshot(e), want) == []
-    _fill(small_fs)  # every byte taken after the layout was reserved: the steps still write
+    small_fs_factory.fill(small_fs)  # every byte taken after the layout was reserved: the steps still write
     train(e, 1, replay(batches(GPTShape(), 2, seed=7), PER_STEP)())
     e.layerwise_offload_optimizer.close()
 

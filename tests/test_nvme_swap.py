@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import stat
@@ -97,19 +96,11 @@ def test_unwritable_base_path_error_names_it(tmp_path, monkeypatch):
         SwapFolder(tmp_path)
 
 
-def test_read_only_mount_is_named_as_such(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a read-only tmpfs")
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        with pytest.raises(ValueError, match=f"nvme_path='{mnt}': the file system there is mounted read-only; "
-                                             "remount it read-write"):
-            SwapFolder(mnt)
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
+def test_read_only_mount_is_named_as_such(small_fs_factory):
+    mnt = small_fs_factory.mount("64k", read_only=True)
+    with pytest.raises(ValueError, match=f"nvme_path='{mnt}': the file system there is mounted read-only; "
+                                         "remount it read-write"):
+        SwapFolder(mnt)
 
 
 # ------------------------------------------------------------------ aio config and availability
@@ -227,28 +218,9 @@ def test_pending_key_cannot_be_rewritten_before_wait(swapper):
 
 
 @pytest.fixture
-def small_fs(tmp_path):
+def small_fs(small_fs_factory):
     """A real 64 KiB file system (tmpfs; needs root to mount)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
-
-
-def _fill(mnt):
-    """Take every free byte of ``mnt``, as another process would."""
-    with open(mnt / "hog", "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"x" * 512)
-        except OSError as err:
-            assert err.errno == errno.ENOSPC
+    return small_fs_factory.mount("64k")
 
 
 @needs_aio
@@ -264,11 +236,11 @@ def test_disk_full_is_refused_before_queueing(small_fs, aio_op):
 
 
 @needs_aio
-def test_reserved_file_is_written_after_the_disk_fills(small_fs, aio_op):
+def test_reserved_file_is_written_after_the_disk_fills(small_fs, small_fs_factory, aio_op):
     """Another process takes the space between the reservation and the write: the write still lands."""
     with SwapFolder(small_fs) as folder, AioSwapper(folder, aio_op=aio_op) as sw:
         sw.reserve("a", 4000 * 4)
-        _fill(small_fs)
+        small_fs_factory.fill(small_fs)
         data = torch.randn(4000)
         sw.write("a", data)
         sw.wait()
